@@ -1,0 +1,20 @@
+"""GMA6: LM2-style long-term memory retrofitted onto frozen Hugging Face causal LMs."""
+
+__version__ = "0.1.0"
+
+from .base import load_base  # noqa: E402
+from .config import GMA6Config  # noqa: E402
+from .model import MemoryModel, MemoryOutput, attach_memory  # noqa: E402
+from .state import MemoryState, load_state, save_state  # noqa: E402
+
+__all__ = [
+    "GMA6Config",
+    "MemoryModel",
+    "MemoryOutput",
+    "MemoryState",
+    "attach_memory",
+    "load_base",
+    "load_state",
+    "save_state",
+    "__version__",
+]

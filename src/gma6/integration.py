@@ -1,0 +1,100 @@
+"""Finding a decoder-only LM's layers generically and hooking them.
+
+Nothing here knows Gemma: layers are found as the ``nn.ModuleList`` whose length is the text
+config's ``num_hidden_layers`` (Gemma, Llama, Qwen, Mistral: ``model.layers``; GPT-2: ``transformer.h``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+# Names of layer stacks, most likely first; used only to break ties between equally long lists.
+_LAYER_LIST_NAMES = ("layers", "h", "blocks", "layer", "decoder_layers")
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config that describes the language model (the text part of a multimodal model)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no .config: not a Hugging Face model")
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def check_decoder_only(model: Any) -> None:
+    """Raise ``TypeError`` unless ``model`` is a Hugging Face decoder-only causal LM."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a Hugging Face causal LM (torch.nn.Module), got {type(model).__name__}")
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError(f"{type(model).__name__} has no .config: not a Hugging Face model")
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(f"{type(model).__name__} is an encoder-decoder model; gma6 needs a decoder-only causal LM")
+    if not callable(getattr(model, "get_output_embeddings", None)) or model.get_output_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} has no language-model head; load it with AutoModelForCausalLM")
+    tc = text_config(model)
+    for attr in ("hidden_size", "num_hidden_layers"):
+        if not isinstance(getattr(tc, attr, None), int):
+            raise TypeError(f"{type(model).__name__}'s config has no integer {attr}")
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ``nn.ModuleList`` holding the decoder layers."""
+    n = text_config(model).num_hidden_layers
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise TypeError(f"{type(model).__name__}: found no list of {n} decoder layers")
+
+    def rank(item: tuple[str, nn.Module]) -> tuple[int, int]:
+        last = item[0].rsplit(".", 1)[-1]
+        return (_LAYER_LIST_NAMES.index(last) if last in _LAYER_LIST_NAMES else len(_LAYER_LIST_NAMES), item[0].count("."))
+
+    return min(found, key=rank)[1]
+
+
+HookFn = Callable[[torch.Tensor, dict[str, Any]], torch.Tensor | None]
+
+
+class LayerHooks:
+    """Forward hooks on chosen layers; each hook may replace the layer's hidden-state output.
+
+    ``fn(hidden, kwargs)`` gets the layer's output hidden states and call kwargs and returns the
+    new hidden states, or None to leave them. Tuple outputs (older transformers) keep their tail.
+    """
+
+    def __init__(self, layers: Iterable[nn.Module], make_fn: Callable[[int], HookFn]) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        try:
+            for i, layer in enumerate(layers):
+                self._handles.append(layer.register_forward_hook(_wrap(make_fn(i)), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+
+def _wrap(fn: HookFn) -> Callable[..., Any]:
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = fn(hidden, kwargs)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return hook
+
+
+def hook_count(model: nn.Module) -> int:
+    """Forward hooks registered anywhere in ``model`` (``detach()`` must leave none of ours)."""
+    return sum(len(m._forward_hooks) for m in model.modules())

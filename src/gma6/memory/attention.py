@@ -1,0 +1,70 @@
+"""MemoryAttentionGate: the output phase. Tokens read the memory slots by cross-attention.
+
+Dimensions: B batch, T tokens of the segment, H the base's hidden size, S slots, D slot width,
+n heads, d = D / n.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, D) -> (B, n, N, d)."""
+    b, n, dim = x.shape
+    return x.view(b, n, heads, dim // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, n, N, d) -> (B, N, D)."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+class MemoryAttentionGate(nn.Module):
+    """Read the memory into the residual stream: ``h + rms(h) * W_o(g_out * attn(h, M))``.
+
+    The output projection starts at zero, so a fresh gate returns ``h`` exactly. Scaling the
+    read-out by the RMS of ``h`` makes its effect relative to the residual stream, whose norm in
+    Gemma is large and varies by layer (why: one learning rate then suits every layer).
+    """
+
+    def __init__(self, hidden_size: int, dim: int, heads: int, gate_bias: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm_h = nn.RMSNorm(hidden_size, eps=1e-6)
+        self.norm_m = nn.RMSNorm(dim, eps=1e-6)
+        self.q = nn.Linear(hidden_size, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.gate = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, hidden_size, bias=False)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_bias)
+
+    def forward(
+        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return the read-out to add to ``h`` (B, T, H) and optional statistics.
+
+        Args:
+            h: hidden states (B, T, H) in the memory's dtype.
+            memory: slots (B, S, D).
+            return_stats: also return the mean output gate and the read-attention entropy.
+        """
+        q = split_heads(self.q(self.norm_h(h)), self.heads)
+        k, v = self.kv(self.norm_m(memory)).chunk(2, dim=-1)
+        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        read = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        g_out = torch.sigmoid(self.gate(read))
+        scale = h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+        delta = self.out(g_out * read) * scale
+        stats: dict[str, torch.Tensor] = {}
+        if return_stats:
+            with torch.no_grad():
+                att = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                stats["output_gate"] = g_out.mean(dim=(1, 2))
+                stats["read_entropy"] = -(att * att.clamp_min(1e-12).log()).sum(-1).mean(dim=(1, 2))
+        return delta, stats

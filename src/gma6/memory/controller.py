@@ -1,0 +1,111 @@
+"""MemoryController: the slot bank of every memory layer, its addressing, usage and age.
+
+Dimensions: B batch, L memory layers, S slots, D slot width, T tokens, H hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import GMA6Config
+from ..state import MemoryState
+from .layer import EnhancedMemoryLayer
+
+
+def initial_slots(layers: int, slots: int, dim: int) -> torch.Tensor:
+    """LM2 starts slots from identity rows; orthogonal rows when there are more slots than width."""
+    if slots <= dim:
+        eye = torch.eye(slots, dim)
+        return eye.expand(layers, slots, dim).clone()
+    m = torch.empty(layers, slots, dim)
+    for i in range(layers):
+        nn.init.orthogonal_(m[i])
+    return m * math.sqrt(slots / dim)
+
+
+class MemoryController(nn.Module):
+    """Owns one ``EnhancedMemoryLayer`` per hooked decoder layer and the learned initial memory."""
+
+    def __init__(self, config: GMA6Config) -> None:
+        super().__init__()
+        if config.layers is None or config.hidden_size is None:
+            raise ValueError("MemoryController needs a config resolved against a model (GMA6Config.resolve)")
+        self.config = config
+        dim = config.slot_dim
+        self.layer_ids = list(config.layers)
+        self.layers = nn.ModuleList(
+            EnhancedMemoryLayer(
+                config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias
+            )
+            for _ in self.layer_ids
+        )
+        self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(L, S, D)."""
+        return tuple(self.initial_memory.shape)  # type: ignore[return-value]
+
+    def init_state(self, batch_size: int, device: torch.device | None = None) -> MemoryState:
+        """A fresh memory for ``batch_size`` samples (differentiable w.r.t. the initial memory)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        device = device or self.initial_memory.device
+        mem = self.initial_memory.to(device)[None].expand(batch_size, -1, -1, -1)
+        zeros = torch.zeros(batch_size, *self.shape[:2], device=device)
+        return MemoryState(
+            memory=mem, usage=zeros, age=zeros.clone(), tokens_read=torch.zeros(batch_size, dtype=torch.long, device=device)
+        )
+
+    def read(
+        self, layer: int, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Output phase at memory layer ``layer`` (position in ``layer_ids``)."""
+        return self.layers[layer].read(h, memory, return_stats)
+
+    def write(
+        self,
+        state: MemoryState,
+        hiddens: list[torch.Tensor],
+        mask: torch.Tensor,
+        return_stats: bool = False,
+    ) -> tuple[MemoryState, list[dict[str, torch.Tensor]]]:
+        """Input and forget phases of every memory layer after a segment.
+
+        Args:
+            state: the memory before the segment.
+            hiddens: per memory layer, the segment's hidden states (B, T, H) in the memory's dtype.
+            mask: (B, T) bool, True at real tokens.
+            return_stats: also return per-layer instrumentation.
+        """
+        cfg = self.config
+        new_mem, new_usage, new_age, stats = [], [], [], []
+        has_tokens = mask.any(dim=1)[:, None]
+        for i, layer in enumerate(self.layers):
+            usage = state.usage[:, i]
+            bias = None
+            if cfg.addressing == "content+usage":
+                # Slots used more than average are written less: new facts go to free slots.
+                bias = -cfg.usage_weight * (usage - usage.mean(-1, keepdim=True))
+            m, g_in, st = layer.write(state.memory[:, i], hiddens[i], mask, bias, return_stats)
+            new_mem.append(m)
+            u = torch.where(has_tokens, cfg.usage_decay * usage + g_in, usage)
+            written = g_in.detach() > cfg.write_threshold
+            a = torch.where(has_tokens, torch.where(written, torch.zeros_like(usage), state.age[:, i] + 1), state.age[:, i])
+            new_usage.append(u)
+            new_age.append(a)
+            if return_stats:
+                st["usage"] = u.detach()
+                st["age"] = a.detach()
+            stats.append(st)
+        new_state = MemoryState(
+            memory=torch.stack(new_mem, dim=1),
+            usage=torch.stack(new_usage, dim=1),
+            age=torch.stack(new_age, dim=1),
+            tokens_read=state.tokens_read + mask.sum(1),
+            segments_read=state.segments_read + 1,
+        )
+        return new_state, stats

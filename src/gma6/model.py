@@ -1,0 +1,331 @@
+"""MemoryModel: a frozen causal LM with a memory attached through forward hooks.
+
+Dimensions: B batch, T tokens of a segment, L memory layers, S slots, D slot width.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import CONFIG_NAME, GMA6Config
+from .integration import LayerHooks, check_decoder_only, find_decoder_layers, text_config
+from .io import atomic_write
+from .memory import MemoryController
+from .state import MemoryState
+
+WEIGHTS_NAME = "memory_adapter.safetensors"
+_CALL_KWARG = "gma6_call"
+
+
+@dataclass
+class MemoryOutput:
+    """What ``MemoryModel.forward`` returns."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    memory_state: MemoryState
+    stats: list[dict[str, torch.Tensor]] | None = None
+
+
+@dataclass
+class _Call:
+    """What the hooks need during one forward: the memory to read and where to put hidden states."""
+
+    memory: torch.Tensor
+    collect: bool
+    return_stats: bool = False
+    hiddens: dict[int, torch.Tensor] = field(default_factory=dict)
+    stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class MemoryModel(nn.Module):
+    """A frozen base model plus a trainable memory (see ``attach_memory``)."""
+
+    def __init__(self, base: nn.Module, config: GMA6Config) -> None:
+        super().__init__()
+        check_decoder_only(base)
+        if not isinstance(config, GMA6Config):
+            raise TypeError(f"config must be a GMA6Config, got {type(config).__name__}")
+        tc = text_config(base)
+        self.config = config.resolve(tc.hidden_size, tc.num_hidden_layers, str(getattr(tc, "model_type", "unknown")))
+        self.base = base
+        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
+        base.requires_grad_(False)
+        param = next(base.parameters())
+        self.controller = MemoryController(self.config).to(param.device)
+        self._call: _Call | None = None
+        self._disabled = False
+        self._detached = False
+        forward_params = inspect.signature(base.forward).parameters.values()
+        # Passing the call through the forward's kwargs lets a checkpointed layer see the same
+        # memory when it is recomputed in backward; models without **kwargs use the attribute.
+        self._pass_kwarg = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_params)
+        decoder_layers = find_decoder_layers(base)
+        self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
+
+    # ------------------------------------------------------------------ hooks
+    def _make_hook(self, slot: int):
+        def fn(hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
+            call = kwargs.get(_CALL_KWARG) or self._call
+            if call is None or self._disabled:
+                return None
+            memory = call.memory[:, slot]
+            if memory.shape[0] != hidden.shape[0]:  # generate() expanded the batch (beams, samples)
+                memory = memory.repeat_interleave(hidden.shape[0] // memory.shape[0], dim=0)
+            delta, stats = self.controller.read(slot, hidden.to(memory.dtype), memory, call.return_stats)
+            new = hidden + delta.to(hidden.dtype)
+            if call.collect:
+                call.hiddens[slot] = new  # keyed, so a recomputation overwrites instead of appending
+            if stats:
+                call.stats[slot] = stats
+            return new
+
+        return fn
+
+    # ------------------------------------------------------------------ state
+    @property
+    def device(self) -> torch.device:
+        return self.controller.initial_memory.device
+
+    def init_state(self, batch_size: int) -> MemoryState:
+        """A fresh memory for ``batch_size`` samples."""
+        self._check_attached()
+        state = self.controller.init_state(batch_size, self.device)
+        return state.to("cpu") if self.config.offload_to_cpu else state
+
+    def _prepare_state(self, state: MemoryState | None, batch_size: int) -> MemoryState:
+        if state is None:
+            return self.controller.init_state(batch_size, self.device)
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"memory_state must be a MemoryState, got {type(state).__name__}")
+        state.check(self.controller.shape, batch_size)
+        return state.to(self.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        memory_state: MemoryState | None = None,
+        write: bool = True,
+        return_stats: bool = False,
+        **kwargs: Any,
+    ) -> MemoryOutput:
+        """Run one segment: read the memory at the hooked layers, then write the segment into it.
+
+        Args:
+            input_ids: (B, T) token ids of one segment.
+            attention_mask: (B, T), 1 at real tokens; padding tokens are not written.
+            labels: (B, T) as for the base model (-100 is ignored); gives ``loss``.
+            memory_state: the memory before this segment; None starts a fresh one.
+            write: update the memory with this segment (False: read-only).
+            return_stats: return per-layer gate, usage, age and attention statistics.
+            **kwargs: passed to the base model (e.g. ``logits_to_keep``).
+        """
+        self._check_attached()
+        input_ids, mask = _check_input(input_ids, attention_mask)
+        state = self._prepare_state(memory_state, input_ids.shape[0])
+        if self._disabled:
+            out = self.base(input_ids=input_ids, attention_mask=mask, labels=labels, **kwargs)
+            return MemoryOutput(out.logits, getattr(out, "loss", None), memory_state or state)
+        has_tokens = mask.any(dim=1)
+        base_mask = mask.clone()
+        # A sample with no real token in this segment would attend to nothing (NaN in the base);
+        # show it one token, then keep its memory unchanged in the write.
+        base_mask[~has_tokens, 0] = True
+        call = _Call(memory=state.memory, collect=write, return_stats=return_stats)
+        if self._pass_kwarg:
+            kwargs[_CALL_KWARG] = call
+        self._call = call
+        try:
+            out = self.base(input_ids=input_ids, attention_mask=base_mask.long(), labels=labels, **kwargs)
+        finally:
+            self._call = None
+        new_state, stats = state, None
+        if write:
+            hiddens = [call.hiddens[i].masked_fill(~mask[..., None], 0.0) for i in range(len(self.config.layers))]
+            new_state, stats = self.controller.write(state, hiddens, mask, return_stats)
+            if return_stats:
+                for i, st in enumerate(stats):
+                    st.update(call.stats.get(i, {}))
+        if self.config.offload_to_cpu:
+            new_state = new_state.to("cpu")
+        return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats)
+
+    @torch.no_grad()
+    def read(
+        self,
+        input_ids: torch.Tensor,
+        segment_length: int = 512,
+        memory_state: MemoryState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> MemoryState:
+        """Read a text of any length segment by segment; return the memory after it.
+
+        Padding may sit anywhere: each sample's real tokens are packed to the left first, so a
+        sample in a batch is cut into the same segments as when read alone.
+        """
+        self._check_attached()
+        if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length <= 0:
+            raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
+        input_ids, mask = _check_input(input_ids, attention_mask)
+        input_ids, mask = pack_left(input_ids, mask)
+        state = self._prepare_state(memory_state, input_ids.shape[0])
+        starts = range(0, input_ids.shape[1], segment_length)
+        from tqdm.auto import tqdm
+
+        for s in tqdm(starts, desc="reading", unit="segment", disable=not progress):
+            seg_ids, seg_mask = input_ids[:, s : s + segment_length], mask[:, s : s + segment_length]
+            state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state
+        return state.to("cpu") if self.config.offload_to_cpu else state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        memory_state: MemoryState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """``base.generate`` with the memory read-only at every step (the KV cache works as usual)."""
+        self._check_attached()
+        input_ids, mask = _check_input(input_ids, attention_mask)
+        state = self._prepare_state(memory_state, input_ids.shape[0])
+        self._call = _Call(memory=state.memory, collect=False)
+        try:
+            return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)
+        finally:
+            self._call = None
+
+    @contextmanager
+    def memory_disabled(self) -> Iterator[None]:
+        """Run the bare base model inside this block."""
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    # ------------------------------------------------------------------ lifecycle
+    def detach(self) -> nn.Module:
+        """Remove every hook, restore the base's ``requires_grad`` flags and return the base."""
+        self._hooks.remove()
+        for name, p in self.base.named_parameters():
+            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
+        self._detached = True
+        return self.base
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError("this MemoryModel was detached; attach a memory again with gma6.attach_memory")
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the memory."""
+        return [p for p in self.controller.parameters() if p.requires_grad]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts in PEFT's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``gma6_config.json`` and ``memory_adapter.safetensors`` (atomically) into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.controller.state_dict().items()}
+        meta = {"gma6_version": __version__, "base": str(getattr(self.base.config, "_name_or_path", ""))}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"gma6": json.dumps(meta)}))
+        self.config.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base: nn.Module, directory: str | os.PathLike, **overrides: Any) -> MemoryModel:
+        """Attach the adapter saved in ``directory`` to ``base``.
+
+        ``overrides`` replace runtime options of the saved config (e.g. ``offload_to_cpu=True``).
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = GMA6Config.load(directory)
+        if overrides:
+            config = GMA6Config.from_dict({**config.to_dict(), **overrides})
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights}: missing (is {directory} a gma6 adapter folder?)")
+        model = cls(base, config)
+        try:
+            tensors = load_file(str(weights), device=str(model.device))
+        except Exception as e:
+            model.detach()
+            raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+        own = model.controller.state_dict()
+        problems = sorted(set(own) ^ set(tensors)) + [
+            f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in tensors and tensors[k].shape != v.shape
+        ]
+        if problems:
+            model.detach()
+            raise ValueError(f"{weights} does not match its config: {problems[:5]}")
+        model.controller.load_state_dict(tensors)
+        return model
+
+
+def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> MemoryModel:
+    """Freeze ``model`` and attach a fresh memory to it. The outputs are unchanged until trained."""
+    return MemoryModel(model, config or GMA6Config())
+
+
+def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, tokens), got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+    if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if attention_mask is None:
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        mask = attention_mask.bool()
+    if not mask.any():
+        raise ValueError("the input has no real token (attention_mask is all zero)")
+    return input_ids, mask
+
+
+def pack_left(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's real tokens to the front (order kept), padding to the back."""
+    if bool(mask[:, : mask.sum(1).max()].all()) and not bool(mask[:, mask.sum(1).max():].any()):
+        return input_ids, mask
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    return input_ids.gather(1, order), mask.gather(1, order)

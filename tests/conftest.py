@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny Gemma 3 models built in the test (no hub) and the real 270M, cached."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def tiny_gemma3(seed: int = 0, layers: int = 4, hidden: int = 32, vocab: int = 64):
+    """A random Gemma 3 text model small enough for unit tests."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    types = ["sliding_attention"] * layers
+    types[-2 if layers > 1 else 0] = "full_attention"
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=16,
+        layer_types=types,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg._attn_implementation = "sdpa"
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_gemma3()
+
+
+@pytest.fixture(scope="session")
+def real_gemma():
+    """The embedded Gemma 3 270M in fp32 (the first load converts and caches it)."""
+    if os.environ.get("GMA6_SKIP_REAL") == "1":
+        pytest.skip("GMA6_SKIP_REAL=1")
+    from gma6 import load_base
+
+    return load_base(progress=False)
