@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from .base import load_base  # noqa: E402
 from .config import GMA6Config  # noqa: E402
-from .model import MemoryModel, MemoryOutput, attach_memory  # noqa: E402
+from .model import MemoryModel, MemoryOutput, attach_memory, load_adapter  # noqa: E402
 from .state import MemoryState, load_state, save_state  # noqa: E402
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "MemoryOutput",
     "MemoryState",
     "attach_memory",
+    "load_adapter",
     "load_base",
     "load_state",
     "save_state",

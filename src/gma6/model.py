@@ -22,6 +22,7 @@ from .config import CONFIG_NAME, GMA6Config
 from .integration import LayerHooks, check_decoder_only, find_decoder_layers, text_config
 from .io import atomic_write
 from .memory import MemoryController
+from .options import apply_system_options
 from .state import MemoryState
 
 WEIGHTS_NAME = "memory_adapter.safetensors"
@@ -62,6 +63,7 @@ class MemoryModel(nn.Module):
         self.base = base
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
         base.requires_grad_(False)
+        apply_system_options(base, self.config)
         param = next(base.parameters())
         self.controller = MemoryController(self.config).to(param.device)
         self._call: _Call | None = None
@@ -292,9 +294,30 @@ class MemoryModel(nn.Module):
         return model
 
 
-def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> MemoryModel:
-    """Freeze ``model`` and attach a fresh memory to it. The outputs are unchanged until trained."""
-    return MemoryModel(model, config or GMA6Config())
+def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> nn.Module:
+    """Freeze ``model`` and attach a fresh memory to it. The outputs are unchanged until trained.
+
+    ``config.memory_type`` picks the kind: "gated" gives a ``MemoryModel``, "rmt" the memory-token peer.
+    """
+    config = config or GMA6Config()
+    return memory_class(config)(model, config)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, **overrides: Any) -> nn.Module:
+    """Attach the adapter saved in ``directory`` (of whichever memory kind) to ``model``."""
+    config = GMA6Config.load(directory)
+    return memory_class(config).from_pretrained(model, directory, **overrides)
+
+
+def memory_class(config: GMA6Config) -> type:
+    """The model class implementing ``config.memory_type``."""
+    if not isinstance(config, GMA6Config):
+        raise TypeError(f"config must be a GMA6Config, got {type(config).__name__}")
+    if config.memory_type == "rmt":
+        from .rmt import RMTMemoryModel
+
+        return RMTMemoryModel
+    return MemoryModel
 
 
 def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
