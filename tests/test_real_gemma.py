@@ -1,0 +1,35 @@
+"""Integration tests on the real Gemma 3 270M (embedded default; converted once, then cached)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gma6 import GMA6Config, attach_memory
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedded_default_is_gemma3_with_bos(real_gemma):
+    model, tok = real_gemma
+    assert model.config.get_text_config().model_type == "gemma3_text"
+    assert model.config.get_text_config().hidden_size == 640
+    ids = tok("Question: What is the capital of France?\nAnswer:", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == tok.bos_token_id
+    out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_fresh_memory_leaves_real_gemma_unchanged(real_gemma):
+    model, tok = real_gemma
+    ids = tok("Mary moved to the bathroom. John went to the hallway. Where is Mary?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        mm = attach_memory(model, GMA6Config())
+        try:
+            state = mm.read(ids, segment_length=8)
+            out = mm(input_ids=ids, memory_state=state)
+            assert (out.logits - ref).abs().max().item() <= 1e-5
+            assert mm.get_nb_trainable_parameters()[0] < 4_000_000
+        finally:
+            mm.detach()
