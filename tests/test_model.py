@@ -213,3 +213,26 @@ def test_stats_report_gates_usage_and_age(tiny_model):
     assert st["usage"].shape == (2, 4) and st["age"].shape == (2, 4)
     assert 0 <= float(st["output_gate"].mean()) <= 1
     torch.testing.assert_close(st["write_attention"].sum(-1), torch.ones(2, 4))
+
+
+def test_split_segments_with_bos_prefix():
+    from gma6.model import split_segments
+
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10], [0, 0, 1, 5, 6, 7, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0]])
+    segs = split_segments(ids, mask, 4, bos_token_id=1)
+    assert [s[0].tolist() for s in segs] == [[[1, 5, 6, 7], [1, 5, 6, 7]], [[1, 8, 9, 10], [1, 0, 0, 0]]]
+    assert [s[1].tolist() for s in segs] == [[[1, 1, 1, 1], [1, 1, 1, 1]], [[1, 1, 1, 1], [0, 0, 0, 0]]]
+
+
+def test_left_padded_forward_matches_alone(tiny_model):
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    _perturb(mm)
+    b = torch.randint(3, 64, (1, 6), generator=torch.Generator().manual_seed(6))
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], mask[0] = torch.randint(3, 64, (9,)), 1
+    ids[1, 3:], mask[1, 3:] = b[0], 1
+    out = mm(input_ids=ids, attention_mask=mask)
+    alone = mm(input_ids=b)
+    torch.testing.assert_close(out.logits[1, 3:], alone.logits[0], rtol=0, atol=1e-4)

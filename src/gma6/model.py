@@ -147,6 +147,9 @@ class MemoryModel(nn.Module):
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
         base_mask[~has_tokens, 0] = True
+        if kwargs.get("position_ids") is None:
+            # Positions count real tokens only, so a left-padded sample sees what it sees alone.
+            kwargs["position_ids"] = (base_mask.long().cumsum(-1) - 1).clamp(min=0)
         call = _Call(memory=state.memory, collect=write, return_stats=return_stats)
         if self._pass_kwarg:
             kwargs[_CALL_KWARG] = call
@@ -174,23 +177,24 @@ class MemoryModel(nn.Module):
         memory_state: MemoryState | None = None,
         attention_mask: torch.Tensor | None = None,
         progress: bool = False,
+        bos_token_id: int | None = None,
     ) -> MemoryState:
         """Read a text of any length segment by segment; return the memory after it.
 
         Padding may sit anywhere: each sample's real tokens are packed to the left first, so a
         sample in a batch is cut into the same segments as when read alone.
+
+        Args:
+            bos_token_id: if given, every segment starts with this token (models such as Gemma
+                expect it at position 0; each segment is a fresh window).
         """
         self._check_attached()
-        if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length <= 0:
-            raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
         input_ids, mask = _check_input(input_ids, attention_mask)
-        input_ids, mask = pack_left(input_ids, mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
-        starts = range(0, input_ids.shape[1], segment_length)
         from tqdm.auto import tqdm
 
-        for s in tqdm(starts, desc="reading", unit="segment", disable=not progress):
-            seg_ids, seg_mask = input_ids[:, s : s + segment_length], mask[:, s : s + segment_length]
+        segments = split_segments(input_ids, mask, segment_length, bos_token_id)
+        for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
             state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state
         return state.to("cpu") if self.config.offload_to_cpu else state
 
@@ -344,6 +348,39 @@ def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     if not mask.any():
         raise ValueError("the input has no real token (attention_mask is all zero)")
     return input_ids, mask
+
+
+def split_segments(
+    input_ids: torch.Tensor, mask: torch.Tensor, segment_length: int, bos_token_id: int | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Cut a (padded) batch into segments of at most ``segment_length`` tokens.
+
+    Each row's real tokens are packed to the left first, so a row is cut as it would be alone.
+    With ``bos_token_id``, a leading BOS is dropped and every segment starts with one, leaving
+    ``segment_length - 1`` text tokens a segment.
+    """
+    if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length <= 0:
+        raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
+    if bos_token_id is not None and segment_length < 2:
+        raise ValueError(f"segment_length={segment_length}: needs at least 2 tokens when each segment starts with BOS")
+    input_ids, mask = pack_left(input_ids, mask)
+    if bos_token_id is not None:
+        lead = (input_ids[:, 0] == bos_token_id) & mask[:, 0]
+        if bool(lead.any()):
+            mask = mask.clone()
+            mask[:, 0] &= ~lead
+            input_ids, mask = pack_left(input_ids, mask)
+    step = segment_length - (bos_token_id is not None)
+    width = int(mask.sum(1).max())
+    out = []
+    for s in range(0, max(width, 1), step):
+        ids, m = input_ids[:, s : s + step], mask[:, s : s + step]
+        if bos_token_id is not None:
+            b = ids.shape[0]
+            ids = torch.cat([torch.full((b, 1), bos_token_id, dtype=ids.dtype, device=ids.device), ids], 1)
+            m = torch.cat([m[:, :1], m], 1)  # BOS only where the segment has text
+        out.append((ids, m))
+    return out
 
 
 def pack_left(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
