@@ -363,7 +363,7 @@ def split_segments(
         raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
     if bos_token_id is not None and segment_length < 2:
         raise ValueError(f"segment_length={segment_length}: needs at least 2 tokens when each segment starts with BOS")
-    input_ids, mask = pack_left(input_ids, mask)
+    input_ids, mask = pack_left(input_ids, mask.bool())
     if bos_token_id is not None:
         lead = (input_ids[:, 0] == bos_token_id) & mask[:, 0]
         if bool(lead.any()):
@@ -385,6 +385,7 @@ def split_segments(
 
 def pack_left(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the front (order kept), padding to the back."""
+    mask = mask.bool()
     if bool(mask[:, : mask.sum(1).max()].all()) and not bool(mask[:, mask.sum(1).max():].any()):
         return input_ids, mask
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
