@@ -1,0 +1,332 @@
+"""Memory-only training on generated BABILong-style samples, with a curriculum over segments.
+
+One loop, top to bottom: build the batch for the global step (data is a pure function of the
+step, so a resumed run sees exactly the batches it would have seen), read the context segments
+with the memory carried, score the answer tokens of the question segment, step AdamW. Nothing
+here names a device: it follows the model's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data.generator import derive_seed, generate_sample
+from .data.vocab import TASKS, check_task
+from .episodes import Batch, collate, encode_episode
+from .io import atomic_write, atomic_write_text
+from .model import split_segments
+
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass
+class TrainConfig:
+    """What ``train`` does. Validated on construction.
+
+    Attributes:
+        tasks: BABILong tasks mixed in every batch (round robin).
+        segment_length: tokens per segment, BOS included.
+        curriculum: context segments per stage; each stage starts from the last one's weights.
+        steps_per_stage: optimizer steps per stage.
+        batch_size: samples per step.
+        lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warmup, cosine decay to
+            ``lr * min_lr_ratio`` over the whole run.
+        grad_clip: max gradient norm (0 disables).
+        bptt_segments: backpropagate through at most this many context segments (None: all).
+        num_facts: facts per story (None: the task's default).
+        seed: base seed of the training data stream and of torch.
+        log_every, checkpoint_every: in steps (checkpoint_every 0: only at the end).
+        lora_rank: co-train LoRA adapters of this rank on the base (0: memory only; needs peft).
+    """
+
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    segment_length: int = 256
+    curriculum: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    steps_per_stage: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    bptt_segments: int | None = None
+    num_facts: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    lora_rank: int = 0
+
+    def __post_init__(self) -> None:
+        self.tasks = [check_task(t) for t in self.tasks]
+        if not self.tasks:
+            raise ValueError("tasks is empty: name at least one of " + ", ".join(TASKS))
+        for name in ("segment_length", "steps_per_stage", "batch_size", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name}={v!r}: expected a positive int")
+        if self.segment_length < 16:
+            raise ValueError(f"segment_length={self.segment_length}: too short for a question (>= 16)")
+        if not self.curriculum or any(not isinstance(k, int) or k <= 0 for k in self.curriculum):
+            raise ValueError(f"curriculum={self.curriculum!r}: expected positive segment counts, e.g. [1, 2, 4, 8]")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ValueError(f"lr={self.lr!r}: expected a number in (0, 1)")
+        if self.bptt_segments is not None and self.bptt_segments <= 0:
+            raise ValueError(f"bptt_segments={self.bptt_segments!r}: expected a positive int or None")
+        for name in ("warmup_steps", "checkpoint_every", "lora_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r}: expected a non-negative int")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_stage * len(self.curriculum)
+
+    def stage(self, step: int) -> int:
+        return min(step // self.steps_per_stage, len(self.curriculum) - 1)
+
+    def context_tokens(self, segments: int) -> int:
+        """The target context length (tokens) of a stage with ``segments`` context segments."""
+        # Instruction and tags share the first segment; aim the context at ~90% of the room.
+        return max(0, int(0.9 * segments * (self.segment_length - 1)) - 80)
+
+
+def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None, pad_token_id: int = 0) -> Batch:
+    """The training batch of global step ``step`` (a pure function of the step)."""
+    segments = cfg.curriculum[cfg.stage(step)]
+    length = cfg.context_tokens(segments)
+    episodes = []
+    for j in range(cfg.batch_size):
+        i = step * cfg.batch_size + j
+        task = cfg.tasks[i % len(cfg.tasks)]
+        sample = generate_sample(task, length, derive_seed("train", task, i, cfg.seed), tokenizer,
+                                 num_facts=cfg.num_facts, split="train")
+        episodes.append(encode_episode(sample, tokenizer))
+    return collate(episodes, bos_token_id, pad_token_id)
+
+
+def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
+                bptt_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the context with the memory carried, then the loss and accuracy on the answer tokens."""
+    b = batch.context.shape[0]
+    state = model.init_state(b)
+    segments = split_segments(batch.context, batch.context_mask, segment_length, bos_token_id)
+    for k, (ids, mask) in enumerate(segments):
+        if bptt_segments is not None and len(segments) - k > bptt_segments:
+            state = state.detach()
+        state = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1).memory_state
+    answer_len = int(batch.answer_mask.sum(1).max())
+    # Logits only where they predict answer tokens: the vocabulary is 262k wide.
+    out = model(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=state,
+                write=False, logits_to_keep=answer_len + 1)
+    logits = out.logits[:, :-1].float()
+    targets = batch.question[:, -answer_len:]
+    mask = batch.answer_mask[:, -answer_len:]
+    loss = F.cross_entropy(logits[mask], targets[mask])
+    correct = (logits.argmax(-1) == targets) | ~mask
+    return loss, correct.all(1).float().mean()
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def add_lora(model: nn.Module, rank: int) -> None:
+    """Co-train LoRA adapters (rank ``rank``) on the base's attention projections, through PEFT."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ImportError("lora_rank > 0 needs peft: pip install 'gma6[lora]'") from e
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    inject_adapter_in_model(config, model.base)
+    for name, p in model.base.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+
+
+def train(
+    model: nn.Module,
+    tokenizer: Any,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    max_steps: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train the memory (and LoRA when asked); checkpoints and logs go to ``out_dir``.
+
+    Args:
+        model: a memory model from ``attach_memory`` (gated or RMT).
+        tokenizer: the base's tokenizer (``encode(text, add_special_tokens=False)``).
+        cfg: what to do.
+        out_dir: ``log.jsonl``, ``loss.png``, ``checkpoint/`` (resumable) and ``adapter/`` (final).
+        resume: continue from ``out_dir/checkpoint`` if it is there.
+        max_steps: stop after this global step (for tests and time-boxed runs); None runs all.
+        progress: show a progress bar.
+        command: the command line, recorded beside the adapter.
+        on_log: called with every log record.
+
+    Returns:
+        The last log record.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank)
+    params = trainable_parameters(model)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    step = 0
+    ckpt = out / CHECKPOINT_DIR
+    if resume and (ckpt / TRAINER_STATE).exists():
+        step = load_checkpoint(ckpt, model, opt, sched, cfg)
+    last = min(cfg.total_steps, max_steps) if max_steps is not None else cfg.total_steps
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=last, initial=step, desc="training", disable=not progress)
+    record: dict[str, Any] = {}
+    t0, tokens = time.perf_counter(), 0
+    model.train()
+    while step < last:
+        batch = make_batch(cfg, step, tokenizer, bos, pad).to(model.device)
+        loss, acc = answer_loss(model, batch, cfg.segment_length, bos, cfg.bptt_segments)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += int(batch.context_mask.sum()) + int(batch.question_mask.sum())
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == last:
+            dt = time.perf_counter() - t0
+            record = {"step": step, "stage": cfg.stage(step - 1), "segments": cfg.curriculum[cfg.stage(step - 1)],
+                      "loss": round(float(loss), 5), "acc": round(float(acc), 4), "lr": sched.get_last_lr()[0],
+                      "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=record["loss"], acc=record["acc"], seg=record["segments"])
+            if on_log:
+                on_log(record)
+            t0, tokens = time.perf_counter(), 0
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last:
+            save_checkpoint(ckpt, model, opt, sched, cfg, step)
+    bar.close()
+    model.eval()
+    save_checkpoint(ckpt, model, opt, sched, cfg, step)
+    if step >= cfg.total_steps:
+        model.save_pretrained(out / "adapter")
+        meta = {"train_config": dataclasses.asdict(cfg), "steps": step, "command": command}
+        atomic_write_text(out / "adapter" / "training.json", json.dumps(meta, indent=2) + "\n")
+    plot_log(out / "log.jsonl", out / "loss.png")
+    return record
+
+
+def save_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer,
+                    sched: Any, cfg: TrainConfig, step: int) -> None:
+    """Weights, optimizer, scheduler, RNG and data position; each file written atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": json.dumps(random.getstate()),
+        "train_config": json.dumps(dataclasses.asdict(cfg)),
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+        "trainable_values": [p.detach().cpu() for p in model.parameters() if p.requires_grad],
+    }
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    atomic_write(directory / TRAINER_STATE, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, cfg: TrainConfig) -> int:
+    """Restore what ``save_checkpoint`` wrote; return the step to continue from."""
+    state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    saved = json.loads(state["train_config"])
+    mine = dataclasses.asdict(cfg)
+    fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank")
+    diff = {k: (saved.get(k), mine[k]) for k in fixed if saved.get(k) != mine[k]}
+    if diff:
+        raise ValueError(f"{directory}: checkpoint was made with other settings {diff}; use another output folder")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if names != state["trainable"]:
+        raise ValueError(f"{directory}: checkpoint's trainable parameters do not match this model's")
+    with torch.no_grad():
+        for p, v in zip((p for p in model.parameters() if p.requires_grad), state["trainable_values"]):
+            p.copy_(v.to(p.device))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    rs = json.loads(state["python_rng"])
+    random.setstate((rs[0], tuple(rs[1]), rs[2]))
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"])
+
+
+def plot_log(log: Path, png: Path) -> None:
+    """Loss and accuracy against step, with the curriculum stages marked."""
+    if not log.exists():
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["loss"] for r in rows], label="answer loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["acc"] for r in rows], color="tab:orange", alpha=0.7, label="answer accuracy (batch)")
+    ax2.set_ylabel("accuracy")
+    ax2.set_ylim(0, 1)
+    prev = None
+    for r in rows:
+        if r["segments"] != prev:
+            ax.axvline(r["step"], color="grey", lw=0.5)
+            ax.text(r["step"], ax.get_ylim()[1], f"{r['segments']} seg", fontsize=7, va="top")
+            prev = r["segments"]
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    atomic_write(png, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
