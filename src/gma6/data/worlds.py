@@ -25,6 +25,7 @@ Questions and their meaning:
 
 from __future__ import annotations
 
+import operator
 import random
 from dataclasses import dataclass, field
 
@@ -96,9 +97,11 @@ def resolve_num_facts(task: str, num_facts: int | tuple[int, int] | None, rng: r
     lo_ok, hi_ok = MIN_FACTS[task], MAX_FACTS[task]
     if num_facts is None:
         num_facts = DEFAULT_NUM_FACTS[task]
-    if isinstance(num_facts, int) and not isinstance(num_facts, bool):
-        lo = hi = num_facts
-    else:
+    try:
+        if isinstance(num_facts, bool):
+            raise TypeError
+        lo = hi = operator.index(num_facts)  # type: ignore[arg-type]
+    except TypeError:
         try:
             lo, hi = (int(v) for v in num_facts)  # type: ignore[union-attr]
         except (TypeError, ValueError):
@@ -250,7 +253,9 @@ def _qa2(rng: random.Random, n: int) -> Story | None:
         support = (w.taken_at[obj], w.moved_at[w.holder[obj]])
     else:
         support = w.dropped_at[obj]
-    return Story(tuple(w.facts), f"Where is the {obj}?", w.object_place(obj), _sorted(support))  # type: ignore[arg-type]
+    place = w.object_place(obj)
+    assert place is not None
+    return Story(tuple(w.facts), f"Where is the {obj}?", place, _sorted(support))
 
 
 def _qa3(rng: random.Random, n: int) -> Story | None:
