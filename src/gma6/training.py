@@ -122,6 +122,23 @@ def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | 
     return collate(episodes, bos_token_id, pad_token_id)
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Batches indexed by global step, so DataLoader workers can build them ahead of the GPU."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer: Any, bos: int | None, pad: int) -> None:
+        self.cfg, self.tokenizer, self.bos, self.pad = cfg, tokenizer, bos, pad
+
+    def __len__(self) -> int:
+        return self.cfg.total_steps
+
+    def __getitem__(self, step: int) -> Batch:
+        return make_batch(self.cfg, step, self.tokenizer, self.bos, self.pad)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
 def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
                 bptt_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Read the context with the memory carried, then the loss and accuracy on the answer tokens."""
@@ -142,6 +159,29 @@ def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_i
     loss = F.cross_entropy(logits[mask], targets[mask])
     correct = (logits.argmax(-1) == targets) | ~mask
     return loss, correct.all(1).float().mean()
+
+
+@torch.no_grad()
+def validate(model: nn.Module, tokenizer: Any, tasks: list[str], length: int, n: int, segment_length: int,
+             seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+    """Answer accuracy (every answer token right, teacher-forced) on ``n`` test samples a task.
+
+    A quick check during and after training; ``gma6 eval`` is the benchmark (generation + scorer).
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    result = {}
+    for task in tasks:
+        samples = [generate_sample(task, length, derive_seed("test", task, i, seed), tokenizer, split="test")
+                   for i in range(n)]
+        hits = 0.0
+        for s in range(0, n, batch_size):
+            chunk = [encode_episode(x, tokenizer) for x in samples[s : s + batch_size]]
+            batch = collate(chunk, bos, pad).to(model.device)
+            _, acc = answer_loss(model, batch, segment_length, bos)
+            hits += float(acc) * len(chunk)
+        result[task] = hits / n
+    return result
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -178,6 +218,7 @@ def train(
     progress: bool = True,
     command: str | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
+    num_workers: int = 0,
 ) -> dict[str, Any]:
     """Train the memory (and LoRA when asked); checkpoints and logs go to ``out_dir``.
 
@@ -191,6 +232,7 @@ def train(
         progress: show a progress bar.
         command: the command line, recorded beside the adapter.
         on_log: called with every log record.
+        num_workers: processes building batches ahead (0: in this process).
 
     Returns:
         The last log record.
@@ -219,8 +261,14 @@ def train(
     record: dict[str, Any] = {}
     t0, tokens = time.perf_counter(), 0
     model.train()
-    while step < last:
-        batch = make_batch(cfg, step, tokenizer, bos, pad).to(model.device)
+    if num_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    batches = torch.utils.data.DataLoader(
+        _StepBatches(cfg, tokenizer, bos, pad), batch_size=None, sampler=range(step, last),
+        num_workers=num_workers, prefetch_factor=4 if num_workers else None, collate_fn=_identity,
+    )
+    for batch in batches:
+        batch = batch.to(model.device)
         loss, acc = answer_loss(model, batch, cfg.segment_length, bos, cfg.bptt_segments)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -233,7 +281,7 @@ def train(
         if step % cfg.log_every == 0 or step == last:
             dt = time.perf_counter() - t0
             record = {"step": step, "stage": cfg.stage(step - 1), "segments": cfg.curriculum[cfg.stage(step - 1)],
-                      "loss": round(float(loss), 5), "acc": round(float(acc), 4), "lr": sched.get_last_lr()[0],
+                      "loss": round(float(loss.detach()), 5), "acc": round(float(acc), 4), "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

@@ -12,6 +12,13 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """GMA6: long-term memory for frozen Hugging Face causal LMs (LM2-style, Gemma 3 first)."""
+
+
 # Subcommand modules; a module that is missing (not written yet) is skipped, not fatal.
 for _name in ("demo", "train", "eval", "bench", "read"):
     try:

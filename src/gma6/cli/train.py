@@ -1,0 +1,66 @@
+"""``gma6 train``: train a memory adapter on generated BABILong-style samples."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+from .common import command_line, load, pick_device, pick_dtype, split_list
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Output folder: log.jsonl, loss.png, checkpoint/, adapter/."),
+    model: Optional[str] = typer.Option(None, help="Base model: folder, .gguf file or hub id (default: embedded Gemma 3 270M)."),
+    memory: str = typer.Option("gated", help="Memory kind: gated (LM2-style) or rmt (memory tokens)."),
+    slots: int = typer.Option(16, help="Memory slots (rmt: memory tokens)."),
+    memory_dim: int = typer.Option(128, help="Slot width (0: the model's hidden size)."),
+    heads: int = typer.Option(4, help="Attention heads of the memory."),
+    layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
+    tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on."),
+    segment_length: int = typer.Option(256, help="Tokens per segment (BOS included)."),
+    curriculum: str = typer.Option("1,2,4,8", help="Context segments per stage."),
+    steps_per_stage: int = typer.Option(200, help="Optimizer steps per stage."),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(1e-3),
+    warmup_steps: int = typer.Option(20),
+    bptt: Optional[int] = typer.Option(None, help="Backpropagate through at most this many segments."),
+    lora_rank: int = typer.Option(0, help="Co-train LoRA of this rank on the base (needs peft); 0: memory only."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute the base's activations in backward."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option("auto", help="Base dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this global step (resume later)."),
+    resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when it exists."),
+    log_every: int = typer.Option(10),
+    checkpoint_every: int = typer.Option(100),
+    workers: int = typer.Option(-1, help="Processes building batches ahead (-1: 4 on CUDA, 0 on CPU)."),
+) -> None:
+    """Train only the memory (PEFT-style) with a curriculum over the number of segments."""
+    from ..config import GMA6Config
+    from ..model import attach_memory
+    from ..training import TrainConfig
+    from ..training import train as run
+
+    try:
+        tcfg = TrainConfig(
+            tasks=split_list(tasks), segment_length=segment_length, curriculum=split_list(curriculum, int),
+            steps_per_stage=steps_per_stage, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+            bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
+        )
+        mcfg = GMA6Config(
+            memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads,
+            layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    dev = pick_device(device)
+    base, tok = load(model, dev, pick_dtype(dtype, dev))
+    mm = attach_memory(base, mcfg)
+    mm.print_trainable_parameters()
+    last = run(mm, tok, tcfg, out, resume=resume, max_steps=max_steps, command=command_line(),
+              num_workers=workers if workers >= 0 else (4 if dev.type == "cuda" else 0))
+    typer.echo(f"done: step {last.get('step')} loss {last.get('loss')} acc {last.get('acc')} -> {out}")
