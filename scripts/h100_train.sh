@@ -31,5 +31,5 @@ for L in lengths:
     for task in tasks:
         rows.append({"length": L, "task": task, "memory": mem[task], "base_question_only": bare[task], "n": n})
     print(L, "memory", {k: round(v, 3) for k, v in mem.items()}, "bare", {k: round(v, 3) for k, v in bare.items()}, f"{time.time()-t:.0f}s", flush=True)
-json.dump({"adapter": adapter, "segment_length": seg, "rows": rows, "date": time.strftime("%Y-%m-%d")}, open(sys.argv[0].replace("-", "") or "/dev/null", "w") if False else sys.stdout)
+print(json.dumps({"adapter": adapter, "segment_length": seg, "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "rows": rows}))
 PY
