@@ -146,7 +146,7 @@ class MemoryModel(nn.Module):
         base_mask = mask.clone()
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
-        base_mask[~has_tokens, 0] = True
+        base_mask[:, 0] |= ~has_tokens  # not boolean indexing: that would sync with the device
         if kwargs.get("position_ids") is None:
             # Positions count real tokens only, so a left-padded sample sees what it sees alone.
             kwargs["position_ids"] = (base_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -193,6 +193,9 @@ class MemoryModel(nn.Module):
         state = self._prepare_state(memory_state, input_ids.shape[0])
         from tqdm.auto import tqdm
 
+        from .options import check_memory_budget
+
+        check_memory_budget(self, input_ids.shape[0], segment_length)  # max_memory_usage: refuse before running
         segments = split_segments(input_ids, mask, segment_length, bos_token_id)
         for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
             state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state

@@ -1,0 +1,245 @@
+"""The five system options on a tiny Gemma 3: each one works (not how fast)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import gma6.options as options
+from gma6 import GMA6Config, MemoryModel, attach_memory
+from gma6.integration import find_decoder_layers, hook_count
+from gma6.options import MemoryBudgetError, check_memory_budget, estimate_peak_bytes, plan_batch
+
+from conftest import tiny_gemma3
+
+SMALL = dict(num_slots=4, memory_dim=16, num_heads=2)
+
+
+def _perturb(mm: MemoryModel, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _pair(**options_on):
+    """The same tiny base and memory weights twice: once plain, once with ``options_on``."""
+    plain = attach_memory(tiny_gemma3(), GMA6Config(**SMALL))
+    _perturb(plain)
+    other = attach_memory(tiny_gemma3(), GMA6Config(**SMALL, **options_on))
+    other.controller.load_state_dict(plain.controller.state_dict())
+    return plain, other
+
+
+def _ids(b=2, t=24, seed=1):
+    return torch.randint(3, 64, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------ use_half_precision
+def test_half_precision_casts_base_keeps_memory_fp32():
+    plain, half = _pair(use_half_precision=True)
+    assert {p.dtype for p in half.base.parameters()} == {torch.bfloat16}  # CPU supports bf16
+    assert {p.dtype for p in half.controller.parameters()} == {torch.float32}
+    x = _ids()
+    s_plain, s_half = plain.init_state(2), half.init_state(2)
+    for _ in range(3):  # the state stays fp32 across writes
+        ref, out = plain(input_ids=x, memory_state=s_plain), half(input_ids=x, memory_state=s_half)
+        s_plain, s_half = ref.memory_state, out.memory_state
+        assert out.memory_state.memory.dtype == torch.float32
+        assert torch.isfinite(out.logits.float()).all()
+        # bf16 keeps ~3 significant digits: the logits agree to a bf16 tolerance...
+        diff = (out.logits.float() - ref.logits).abs().max().item()
+        assert diff <= 0.05 * ref.logits.abs().max().item() + 0.05, diff
+        # ...and the greedy next token agrees wherever fp32's top-2 margin exceeds that tolerance.
+        top2 = ref.logits[:, -1].topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 2 * diff
+        assert torch.equal(out.logits[:, -1].argmax(-1)[clear], ref.logits[:, -1].argmax(-1)[clear])
+    assert (s_half.memory - s_plain.memory).norm() < 0.05 * s_plain.memory.norm()  # fp32 maths, bf16 inputs
+
+
+def test_half_precision_trains_memory_in_fp32():
+    _, half = _pair(use_half_precision=True)
+    x = _ids()
+    out = half(input_ids=x, labels=x, memory_state=half(input_ids=x).memory_state)
+    out.loss.backward()
+    grads = [p.grad for p in half.memory_parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in half.base.parameters())
+
+
+def test_half_dtype_choice():
+    assert options.half_dtype("cpu") == torch.bfloat16
+    if torch.cuda.is_available():
+        assert options.half_dtype("cuda") == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+# --------------------------------------------------------------------- use_4bit_quantization
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_4bit_without_bitsandbytes_or_cuda_is_a_clear_error(tiny_model):
+    with pytest.raises((ImportError, RuntimeError), match="bitsandbytes|CUDA"):
+        attach_memory(tiny_model, GMA6Config(use_4bit_quantization=True, **SMALL))
+    assert hook_count(tiny_model) == 0
+    with pytest.raises((ImportError, RuntimeError), match="bitsandbytes|CUDA"):
+        options.quantization_config()
+    with pytest.raises((ImportError, RuntimeError), match="bitsandbytes|CUDA"):
+        options.quantized_load_kwargs()
+
+
+def test_4bit_needs_a_base_loaded_in_4bit(tiny_model, monkeypatch):
+    monkeypatch.setattr(options, "check_4bit_available", lambda: None)
+    with pytest.raises(ValueError, match="loaded in 4 bits"):
+        attach_memory(tiny_model, GMA6Config(use_4bit_quantization=True, **SMALL))
+
+
+def test_4bit_base_attaches_frozen_and_is_not_cast(tiny_model, monkeypatch):
+    """A base marked as transformers marks a bitsandbytes 4-bit model attaches; half precision leaves it alone."""
+    monkeypatch.setattr(options, "check_4bit_available", lambda: None)
+    tiny_model.hf_quantizer = object()  # what from_pretrained(quantization_config=...) leaves behind
+    tiny_model.is_loaded_in_4bit = True
+    tiny_model.quantization_method = "bitsandbytes"
+    assert options.is_quantized(tiny_model)
+
+    def refuse(*a, **k):
+        raise ValueError("You cannot cast a bitsandbytes model in a new `dtype`")
+
+    monkeypatch.setattr(tiny_model, "to", refuse)
+    mm = attach_memory(tiny_model, GMA6Config(use_4bit_quantization=True, use_half_precision=True, **SMALL))
+    assert {p.dtype for p in mm.base.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in mm.base.parameters())
+    assert mm.memory_parameters()
+    assert not getattr(mm, "is_quantized", False)  # transformers' Trainer check reads this attribute
+    out = mm(input_ids=_ids(), labels=_ids())
+    out.loss.backward()
+
+
+def test_quantization_config_when_available(monkeypatch):
+    monkeypatch.setattr(options, "check_4bit_available", lambda: None)
+    qc = options.quantization_config(torch.bfloat16)
+    assert qc.load_in_4bit and qc.bnb_4bit_quant_type == "nf4" and qc.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- offload_to_cpu
+def test_offload_states_on_cpu_and_results_equal(monkeypatch):
+    plain, off = _pair(offload_to_cpu=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain.to(device)
+    off.to(device)
+    moves = []
+    original = type(off.init_state(1)).to
+
+    def spy(self, device=None, dtype=None):
+        moves.append(str(device))
+        return original(self, device, dtype)
+
+    monkeypatch.setattr(type(off.init_state(1)), "to", spy)
+    x = _ids(t=40).to(device)
+    assert off.init_state(2).memory.device.type == "cpu"
+    s = off(input_ids=x[:, :8]).memory_state
+    assert s.memory.device.type == "cpu" and s.usage.device.type == "cpu" and s.tokens_read.device.type == "cpu"
+    moves.clear()
+    state = off.read(x, segment_length=8)
+    assert moves.count("cpu") >= 5  # each of the 5 segments hands its state back to the CPU
+    ref = plain.read(x, segment_length=8)
+    assert state.memory.device.type == "cpu" and state.age.device.type == "cpu"
+    assert torch.allclose(state.memory, ref.memory.cpu(), atol=1e-6)
+    assert torch.equal(state.age, ref.age.cpu()) and torch.allclose(state.usage, ref.usage.cpu(), atol=1e-6)
+    assert state.segments_read == ref.segments_read == 5
+    # an offloaded state can be fed back in
+    a = off(input_ids=x[:, :8], memory_state=state).logits
+    b = plain(input_ids=x[:, :8], memory_state=ref).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+# -------------------------------------------------------------------------- max_memory_usage
+def test_budget_refuses_before_running(monkeypatch):
+    mm = attach_memory(tiny_gemma3(), GMA6Config(max_memory_usage=1e-5, **SMALL))
+    ran = []
+    monkeypatch.setattr(mm.base, "forward", lambda *a, **k: ran.append(1))
+    with pytest.raises(MemoryError, match=r"max_memory_usage=1e-05 GiB.*even batch 1 does not fit"):
+        mm.read(_ids(t=40), segment_length=8)
+    with pytest.raises(ValueError):  # also a ValueError
+        mm.read(_ids(t=40), segment_length=8)
+    assert not ran
+    with pytest.raises(MemoryBudgetError):
+        plan_batch(mm, 8)
+
+
+def test_budget_names_the_batch_that_fits():
+    mm = attach_memory(tiny_gemma3(), GMA6Config(**SMALL))
+    one = estimate_peak_bytes(mm, 1, 64)
+    budget = (one + 2.5 * (estimate_peak_bytes(mm, 2, 64) - one)) / 1024**3
+    assert plan_batch(mm, 64, budget) == 3
+    with pytest.raises(MemoryBudgetError, match="batch 3 fits"):
+        check_memory_budget(mm, 8, 64, budget)
+    check_memory_budget(mm, 3, 64, budget)
+
+
+def test_large_budget_runs_and_equals_no_budget():
+    plain, budgeted = _pair(max_memory_usage=100.0)
+    x = _ids(t=40)
+    assert torch.equal(budgeted.read(x, segment_length=8).memory, plain.read(x, segment_length=8).memory)
+    assert plan_batch(budgeted, 8) > 1000
+
+
+def test_estimate_grows_with_batch_segment_and_training():
+    mm = attach_memory(tiny_gemma3(), GMA6Config(**SMALL))
+    e = lambda *a, **k: estimate_peak_bytes(mm, *a, **k)  # noqa: E731
+    assert e(1, 64) < e(2, 64) < e(2, 128) < e(2, 128, training=True) < e(2, 128, training=True, segments=3)
+    assert e(1, 64) > options.parameter_bytes(mm)
+    base_only = estimate_peak_bytes(mm.base, 1, 64)
+    assert base_only < e(1, 64)
+    with pytest.raises(ValueError, match="needs a budget"):
+        plan_batch(mm, 64)
+
+
+def test_estimate_is_in_the_right_range_for_a_real_sized_layer():
+    """Against a hand count for one big segment: parameters plus a layer's worth of activations."""
+    base = tiny_gemma3(hidden=64, layers=2, vocab=1000)
+    est = estimate_peak_bytes(base, 4, 512)
+    params = options.parameter_bytes(base)
+    scores = 4 * 4 * 2 * 512 * 512  # fp32, batch 4, 2 heads
+    assert params + scores < est < params + 20 * scores
+
+
+# --------------------------------------------------------------------- gradient_checkpointing
+def _grads_and_calls(checkpointing: bool):
+    mm = attach_memory(tiny_gemma3(), GMA6Config(gradient_checkpointing=checkpointing, **SMALL))
+    _perturb(mm)
+    mm.train()
+    reads, mlp_runs = [], []
+    read = mm.controller.read
+    mm.controller.read = lambda *a, **k: (reads.append(a[0]), read(*a, **k))[1]
+    for i in mm.config.layers:
+        find_decoder_layers(mm.base)[i].mlp.register_forward_hook(lambda *a: mlp_runs.append(1))
+    x = _ids()
+    state = mm.init_state(2)
+    out = mm(input_ids=x, memory_state=state)
+    out = mm(input_ids=x, labels=x, memory_state=out.memory_state)
+    after_forward = (list(reads), len(mlp_runs))
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in mm.controller.named_parameters()}
+    return mm, grads, after_forward, (list(reads), len(mlp_runs))
+
+
+def test_gradient_checkpointing_hooks_once_and_same_gradients():
+    mm, ref, _, (ref_reads, ref_mlp) = _grads_and_calls(False)
+    n = len(mm.config.layers)
+    assert sorted(ref_reads) == sorted(list(range(n)) * 2)  # 2 segments, one read per memory layer each
+    ck, grads, (fwd_reads, fwd_mlp), (reads, mlp) = _grads_and_calls(True)
+    assert any(getattr(m, "gradient_checkpointing", False) is True for m in ck.base.modules())
+    assert sorted(fwd_reads) == sorted(list(range(n)) * 2)
+    assert reads == fwd_reads  # the recomputation in backward does not run the memory hooks again
+    assert mlp == 2 * fwd_mlp == 2 * ref_mlp  # ...although the layers were recomputed
+    for name, g in ref.items():
+        assert torch.allclose(grads[name], g, atol=1e-5), name
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_options_do_not_touch_a_plain_base(tiny_model):
+    before = copy.deepcopy(tiny_model.state_dict())
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    assert {p.dtype for p in mm.base.parameters()} == {torch.float32}
+    assert not any(getattr(m, "gradient_checkpointing", False) is True for m in mm.base.modules())
+    assert all(torch.equal(v, before[k]) for k, v in mm.base.state_dict().items())
