@@ -98,3 +98,38 @@ def _wrap(fn: HookFn) -> Callable[..., Any]:
 def hook_count(model: nn.Module) -> int:
     """Forward hooks registered anywhere in ``model`` (``detach()`` must leave none of ours)."""
     return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def _is_hidden_norm(module: nn.Module, hidden_size: int) -> bool:
+    w = getattr(module, "weight", None)
+    return "norm" in type(module).__name__.lower() and isinstance(w, torch.Tensor) and tuple(w.shape) == (hidden_size,)
+
+
+def find_reading_norms(model: nn.Module, layer_ids: list[int]) -> list[nn.Module | None]:
+    """For each hooked layer, the base's own norm that reads its output: the next layer's input norm,
+    or the final norm after the last layer (None where none is found).
+
+    Why: residual streams of pretrained LMs carry a few huge outlier dimensions; a plain RMSNorm
+    leaves every token pointing the same way (cosine ~0.9 on Gemma 3 270M), while the base's
+    norms, trained to read that stream, let tokens differ by content.
+    """
+    hidden = text_config(model).hidden_size
+    layers = find_decoder_layers(model)
+
+    def input_norm(layer: nn.Module) -> nn.Module | None:
+        found = [(n, m) for n, m in layer.named_children() if _is_hidden_norm(m, hidden)]
+        found.sort(key=lambda item: ("input" not in item[0] and item[0] != "ln_1"))
+        return found[0][1] if found else None
+
+    def final_norm() -> nn.Module | None:
+        get_decoder = getattr(model, "get_decoder", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        for owner in (decoder, model):
+            if owner is None:
+                continue
+            found = [m for n, m in owner.named_children() if _is_hidden_norm(m, hidden)]
+            if found:
+                return found[-1]
+        return None
+
+    return [input_norm(layers[i + 1]) if i + 1 < len(layers) else final_norm() for i in layer_ids]

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import __version__
 from .config import CONFIG_NAME, GMA6Config
-from .integration import LayerHooks, check_decoder_only, find_decoder_layers, text_config
+from .integration import LayerHooks, check_decoder_only, find_decoder_layers, find_reading_norms, text_config
 from .io import atomic_write
 from .memory import MemoryController
 from .options import apply_system_options
@@ -74,6 +74,8 @@ class MemoryModel(nn.Module):
         # memory when it is recomputed in backward; models without **kwargs use the attribute.
         self._pass_kwarg = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_params)
         decoder_layers = find_decoder_layers(base)
+        # A plain list: the base's norms must not become part of the adapter's state_dict.
+        self._reading_norms = find_reading_norms(base, self.config.layers)
         self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
 
     # ------------------------------------------------------------------ hooks
@@ -85,10 +87,13 @@ class MemoryModel(nn.Module):
             memory = call.memory[:, slot]
             if memory.shape[0] != hidden.shape[0]:  # generate() expanded the batch (beams, samples)
                 memory = memory.repeat_interleave(hidden.shape[0] // memory.shape[0], dim=0)
-            delta, stats = self.controller.read(slot, hidden.to(memory.dtype), memory, call.return_stats)
+            norm = self._reading_norms[slot]
+            view = norm(hidden).to(memory.dtype) if norm is not None else None
+            delta, stats = self.controller.read(slot, hidden.to(memory.dtype), memory, call.return_stats, view)
             new = hidden + delta.to(hidden.dtype)
             if call.collect:
-                call.hiddens[slot] = new  # keyed, so a recomputation overwrites instead of appending
+                # keyed, so a recomputation overwrites instead of appending
+                call.hiddens[slot] = norm(new) if norm is not None else new
             if stats:
                 call.stats[slot] = stats
             return new
@@ -160,7 +165,8 @@ class MemoryModel(nn.Module):
             self._call = None
         new_state, stats = state, None
         if write:
-            hiddens = [call.hiddens[i].masked_fill(~mask[..., None], 0.0) for i in range(len(self.config.layers))]
+            hiddens = [call.hiddens[i].to(state.memory.dtype).masked_fill(~mask[..., None], 0.0)
+                       for i in range(len(self.config.layers))]
             new_state, stats = self.controller.write(state, hiddens, mask, return_stats)
             if return_stats:
                 for i, st in enumerate(stats):

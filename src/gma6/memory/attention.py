@@ -45,7 +45,7 @@ class MemoryAttentionGate(nn.Module):
         nn.init.constant_(self.gate.bias, gate_bias)
 
     def forward(
-        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False
+        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the read-out to add to ``h`` (B, T, H) and optional statistics.
 
@@ -53,8 +53,10 @@ class MemoryAttentionGate(nn.Module):
             h: hidden states (B, T, H) in the memory's dtype.
             memory: slots (B, S, D).
             return_stats: also return the mean output gate and the read-attention entropy.
+            view: what the queries are made from (default ``h``); the model passes ``h`` through
+                the base's own norm, which tames the residual stream's outlier dimensions.
         """
-        q = split_heads(self.q(self.norm_h(h)), self.heads)
+        q = split_heads(self.q(self.norm_h(h if view is None else view)), self.heads)
         k, v = self.kv(self.norm_m(memory)).chunk(2, dim=-1)
         k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         read = merge_heads(F.scaled_dot_product_attention(q, k, v))

@@ -61,10 +61,11 @@ class MemoryController(nn.Module):
         )
 
     def read(
-        self, layer: int, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False
+        self, layer: int, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False,
+        view: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Output phase at memory layer ``layer`` (position in ``layer_ids``)."""
-        return self.layers[layer].read(h, memory, return_stats)
+        return self.layers[layer].read(h, memory, return_stats, view)
 
     def write(
         self,

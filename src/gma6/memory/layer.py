@@ -43,10 +43,10 @@ class EnhancedMemoryLayer(nn.Module):
         nn.init.constant_(self.forget_gate.bias, forget_bias)
 
     def read(
-        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False
+        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Output phase: the read-out (B, T, H) to add to the residual stream."""
-        return self.read_gate(h, memory, return_stats)
+        """Output phase: the read-out (B, T, H) to add to the residual stream (see MemoryAttentionGate)."""
+        return self.read_gate(h, memory, return_stats, view)
 
     def write(
         self,
