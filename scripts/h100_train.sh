@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/pylib:src
 run=/tmp/runs/$name
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout ${TRAIN_SECONDS:-420} python3 -m gma6.cli train --model /tmp/g/gemma.gguf --out $run "$@" 2>&1 \
-  | tr '\r' '\n' | grep -v -E 'it/s\]$|s/it\]$' | tee $OUT/train-$name.log
+  | tr '\r' '\n' | grep -v -E '^(training|Loading)' | tee $OUT/train-$name.log
 adapter=$run/adapter; [ -f $adapter/memory_adapter.safetensors ] || adapter=$run/checkpoint
 mkdir -p $OUT/$name && cp $adapter/gma6_config.json $adapter/memory_adapter.safetensors $OUT/$name/
 [ -f $run/adapter/training.json ] && cp $run/adapter/training.json $OUT/$name/
