@@ -1,0 +1,74 @@
+"""``gma6 bench``: reading throughput and peak memory, memory vs bare base (logic in ``gma6.bench``)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+
+
+@app.command()
+def bench(
+    context: list[str] = typer.Option(["1k", "2k", "4k", "8k", "16k"], "--context", "-c", help="Tokens per sample (1024, 16k, ...); repeatable."),
+    batch: list[int] = typer.Option([1, 8], "--batch", "-b", help="Batch sizes; repeatable."),
+    segment: list[int] = typer.Option([512, 1024], "--segment", "-s", help="Segment lengths; repeatable."),
+    system: list[str] = typer.Option(["base_segments", "memory", "base_full"], "--system", help="Systems to run; repeatable."),
+    model: Optional[str] = typer.Option(None, help="Base model (checkpoint folder, .gguf or hub id); default: the embedded Gemma 3 270M."),
+    device: Optional[str] = typer.Option(None, help="cuda if available, else cpu."),
+    dtype: str = typer.Option("float32", help="The base's dtype: float32, bfloat16, float16."),
+    repeats: int = typer.Option(1, help="Passes per measurement; the fastest counts."),
+    warmup: int = typer.Option(1, help="Untimed one-segment passes per system first."),
+    batch_max_context: Optional[str] = typer.Option(None, help="Batches above 1 only up to this context."),
+    full_max_context: Optional[str] = typer.Option(None, help="base_full only up to this context."),
+    max_seconds: Optional[float] = typer.Option(None, help="Skip a pass predicted to take longer than this."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Also time a memory-only vs a full fine-tune training step."),
+    train_context: str = typer.Option("1k", help="Tokens per sample of the training step."),
+    train_segment: int = typer.Option(512, help="Segment length of the training step."),
+    train_batch: int = typer.Option(1, help="Batch of the training step."),
+    train_warmup: int = typer.Option(1, help="Untimed training steps before the timed one."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
+    seed: int = typer.Option(0, help="Seed of the random tokens."),
+    out: Optional[Path] = typer.Option(None, help="JSON output; default results/bench-<device>.json (the plot goes beside it as .png)."),
+) -> None:
+    """Reading throughput (tokens/s) and peak memory: bare base per segment, memory, bare base in one pass."""
+    import torch
+
+    from .. import bench as b
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        config = b.BenchConfig(
+            contexts=[b.parse_tokens(c) for c in context],
+            batches=list(batch),
+            segments=list(segment),
+            systems=list(system),
+            repeats=repeats,
+            warmup=warmup,
+            batch_max_context=b.parse_tokens(batch_max_context) if batch_max_context else None,
+            full_max_context=b.parse_tokens(full_max_context) if full_max_context else None,
+            max_seconds=max_seconds,
+            train=train,
+            train_context=b.parse_tokens(train_context),
+            train_segment=train_segment,
+            train_batch=train_batch,
+            train_warmup=train_warmup,
+            seed=seed,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
+    base = b.load_model(model, dtype, device)
+    command = shlex.join(["gma6", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("gma6") else shlex.join(sys.argv)
+    result = b.run_bench(base, config, command=command, model_name=model or "gemma-3-270m (embedded)", log=typer.echo)
+    path = out or Path("results") / f"bench-{torch.device(device).type}.json"
+    json_path, png_path = b.write_results(result, path)
+    ratio = result["summary"].get("memory_over_base_segments", {}).get("geomean")
+    if ratio is not None:
+        typer.echo(f"memory / base_segments throughput: {ratio:.3f} (geometric mean over {len(result['summary']['memory_over_base_segments']['pairs'])} settings)")
+    typer.echo(f"wrote {json_path} and {png_path}")

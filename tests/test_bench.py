@@ -1,0 +1,114 @@
+"""gma6 bench on a tiny Gemma 3: runs, writes a valid JSON and a PNG (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gma6 import GMA6Config
+from gma6.bench import SYSTEMS, BenchConfig, PeakMemory, parse_tokens, run_bench, summarize, write_results
+
+from conftest import tiny_gemma3
+
+SMALL = GMA6Config(num_slots=4, memory_dim=16, num_heads=2)
+REQUIRED = {"system", "context", "batch", "segment", "tokens_per_s", "peak_mem_gib"}
+
+
+def _check_result(result: dict, tmp_path) -> dict:
+    json_path, png_path = write_results(result, tmp_path / "bench-test.json")
+    data = json.loads(json_path.read_text())
+    assert {"device", "dtype", "date", "command", "rows", "summary"} <= set(data)
+    assert png_path.exists() and png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for row in data["rows"]:
+        assert REQUIRED <= set(row), row
+    return data
+
+
+def test_bench_runs_on_a_tiny_model(tmp_path):
+    config = BenchConfig(contexts=[32, 64], batches=[1, 2], segments=[16], repeats=2, train_context=32, train_segment=16, memory=SMALL)
+    result = run_bench(tiny_gemma3(), config, command="pytest", log=None)
+    data = _check_result(result, tmp_path)
+    ok = [r for r in data["rows"] if r["status"] == "ok"]
+    assert {r["system"] for r in ok} == set(SYSTEMS) | {"train_memory", "train_full"}
+    for r in ok:
+        assert r["tokens_per_s"] > 0 and r["seconds"] > 0
+        assert r["peak_mem_gib"] is None or r["peak_mem_gib"] > 0
+    reads = [r for r in ok if r["system"] in SYSTEMS]
+    assert len(reads) == 2 * 2 * 3  # contexts x batches x systems (base_full once per batch and context)
+    assert all(r["segment"] is None for r in reads if r["system"] == "base_full")
+    pairs = data["summary"]["memory_over_base_segments"]["pairs"]
+    assert len(pairs) == 4 and all(p["ratio"] > 0 for p in pairs)
+    assert data["summary"]["train_memory_over_train_full"]["step_time"] > 0
+    assert data["command"] == "pytest" and data["dtype"] == "float32"
+
+
+def test_bench_skips_and_limits(tmp_path):
+    config = BenchConfig(
+        contexts=[16, 32, 64], batches=[1, 2], segments=[16], systems=["memory", "base_full"],
+        batch_max_context=16, full_max_context=32, warmup=0, train=False, memory=SMALL,
+    )
+    data = _check_result(run_bench(tiny_gemma3(), config, log=None), tmp_path)
+    full64 = [r for r in data["rows"] if r["system"] == "base_full" and r["context"] == 64]
+    assert full64 and full64[0]["status"].startswith("skipped") and full64[0]["tokens_per_s"] is None
+    assert not [r for r in data["rows"] if r["batch"] == 2 and r["context"] > 16]
+    assert "memory_over_base_segments" not in data["summary"]  # no base_segments rows to compare with
+
+
+def test_bench_records_out_of_memory(tmp_path, monkeypatch):
+    import gma6.bench as bench
+
+    real = bench._runner
+
+    def runner(system, mm, ids, segment):
+        if system == "base_full" and ids.shape[1] >= 32:
+            def boom():
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return boom
+        return real(system, mm, ids, segment)
+
+    monkeypatch.setattr(bench, "_runner", runner)
+    config = BenchConfig(contexts=[16, 32, 64], batches=[1], segments=[16], warmup=0, train=False, memory=SMALL)
+    data = _check_result(run_bench(tiny_gemma3(), config, log=None), tmp_path)
+    full = {r["context"]: r["status"] for r in data["rows"] if r["system"] == "base_full"}
+    assert full[16] == "ok" and full[32] == "oom" and full[64].startswith("skipped")
+    assert all(r["status"] == "ok" for r in data["rows"] if r["system"] == "memory")
+
+
+def test_peak_memory_sees_an_allocation():
+    with PeakMemory(torch.device("cpu")) as peak:
+        x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB
+        x.add_(1)
+        del x
+    if peak.method is None:
+        pytest.skip("no /proc on this system")
+    assert peak.extra_gib > 0.05
+
+
+def test_cli_writes_results(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gma6.bench as bench
+    from gma6.cli import app
+
+    monkeypatch.setattr(bench, "load_model", lambda name, dtype, device: tiny_gemma3())
+    out = tmp_path / "b.json"
+    args = ["bench", "-c", "32", "-b", "1", "-s", "16", "--no-train", "--warmup", "0", "--threads", str(torch.get_num_threads()), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert out.with_suffix(".png").exists()
+    assert "memory / base_segments" in res.output
+    assert {r["system"] for r in data["rows"]} == set(SYSTEMS)
+
+
+def test_parse_tokens_and_config_checks():
+    assert parse_tokens("16k") == 16384 and parse_tokens("1024") == 1024 and parse_tokens(7) == 7
+    with pytest.raises(ValueError):
+        parse_tokens("lots")
+    with pytest.raises(ValueError, match="systems"):
+        BenchConfig(systems=["nope"])
+    with pytest.raises(ValueError, match="contexts"):
+        BenchConfig(contexts=[])
+    assert summarize([]) == {}
