@@ -27,7 +27,9 @@ def _check_result(result: dict, tmp_path) -> dict:
 
 
 def test_bench_runs_on_a_tiny_model(tmp_path):
-    config = BenchConfig(contexts=[32, 64], batches=[1, 2], segments=[16], repeats=2, train_context=32, train_segment=16, memory=SMALL)
+    config = BenchConfig(
+        contexts=[32, 64], batches=[1, 2], segments=[16], repeats=2, train_context=32, train_segment=16, paired=4, memory=SMALL
+    )
     result = run_bench(tiny_gemma3(), config, command="pytest", log=None)
     data = _check_result(result, tmp_path)
     ok = [r for r in data["rows"] if r["status"] == "ok"]
@@ -41,6 +43,8 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     pairs = data["summary"]["memory_over_base_segments"]["pairs"]
     assert len(pairs) == 4 and all(p["ratio"] > 0 for p in pairs)
     assert data["summary"]["train_memory_over_train_full"]["step_time"] > 0
+    paired = data["summary"]["paired_memory_over_base_segments"]
+    assert paired["pairs"] == 4 and paired["median"] > 0 and paired["segment"] == 16
     assert data["command"] == "pytest" and data["dtype"] == "float32"
 
 

@@ -75,6 +75,9 @@ class BenchConfig:
         train_steps: timed training steps.
         train_warmup: untimed training steps first (0: the first timed step also allocates AdamW's
             state, which its peak includes either way).
+        paired: segments timed in pairs (bare base, then memory forward with the state carried,
+            order alternating) at batch 1 and the shortest segment length; on a shared machine the
+            pairs see the same load, so their ratios are steadier than whole passes (0: skip).
         seed: of the random tokens.
         memory: the memory attached for ``memory`` and ``train_memory``.
     """
@@ -94,6 +97,7 @@ class BenchConfig:
     train_batch: int = 1
     train_steps: int = 1
     train_warmup: int = 1
+    paired: int = 0
     seed: int = 0
     memory: GMA6Config = field(default_factory=GMA6Config)
 
@@ -109,7 +113,7 @@ class BenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
-        for name in ("warmup", "train_warmup"):
+        for name in ("warmup", "train_warmup", "paired"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
@@ -368,6 +372,7 @@ def run_bench(
                 del ids
                 _free(device)
 
+    paired = _paired(mm, config, vocab, device, say) if config.paired else None
     if config.train:
         rows += _train_rows(mm, config, vocab, device, say)
         method = method or "see rows"
@@ -387,6 +392,8 @@ def run_bench(
         "rows": rows,
     }
     result["summary"] = summarize(rows)
+    if paired:
+        result["summary"]["paired_memory_over_base_segments"] = paired
     return result
 
 
@@ -456,6 +463,49 @@ def _train_rows(
     base.requires_grad_(False)
     _free(device)
     return out_rows
+
+
+def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.device, say: Callable[[str], None]) -> dict[str, Any]:
+    """Throughput ratio memory / bare base from segments timed in alternating pairs."""
+    seg, n = min(config.segments), config.paired
+    ids = _tokens(vocab, 1, seg * n, config.seed + 3, device)
+    segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), seg)
+    state = mm.init_state(1)
+    t_base: list[float] = []
+    t_mem: list[float] = []
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        return time.perf_counter() - t0, out
+
+    with torch.no_grad():
+        for k, (s_ids, s_mask) in enumerate(segs):
+            run_base = lambda: mm.base(input_ids=s_ids, attention_mask=s_mask.long(), logits_to_keep=1)  # noqa: E731
+            run_mem = lambda: mm(input_ids=s_ids, attention_mask=s_mask, memory_state=state, logits_to_keep=1)  # noqa: E731
+            for which in ("base", "memory") if k % 2 == 0 else ("memory", "base"):
+                if which == "base":
+                    t_base.append(timed(run_base)[0])
+                else:
+                    seconds, out = timed(run_mem)
+                    t_mem.append(seconds)
+                    state = out.memory_state
+    ratios = sorted(b / m for b, m in zip(t_base, t_mem))
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    result = {
+        "segment": seg,
+        "batch": 1,
+        "pairs": len(ratios),
+        "median": round(median, 4),
+        "ratio_of_totals": round(sum(t_base) / sum(t_mem), 4),
+        "ratio_of_fastest": round(min(t_base) / min(t_mem), 4),
+    }
+    say(f"paired segments ({len(ratios)} x {seg} tokens): memory / base throughput median {result['median']:.3f}, "
+        f"of totals {result['ratio_of_totals']:.3f}")
+    return result
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -556,7 +606,13 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.set_xticks(ticks, [f"{c // 1024}k" if c % 1024 == 0 else str(c) for c in ticks])
     axes[0].legend(fontsize=7)
     ratio = result.get("summary", {}).get("memory_over_base_segments", {}).get("geomean")
-    axes[0].set_title("reading throughput" + (f" (memory / base_segments = {ratio:.3f})" if ratio else ""))
+    paired = result.get("summary", {}).get("paired_memory_over_base_segments", {}).get("median")
+    title = "reading throughput"
+    if ratio:
+        title += f"\nmemory / base_segments: {ratio:.3f} (geomean of passes)"
+    if paired:
+        title += f", {paired:.3f} (median of paired segments)"
+    axes[0].set_title(title, fontsize=9)
     axes[1].set_title("peak memory (" + ("max allocated" if result.get("device") == "cuda" else "process peak RSS") + ")")
     if train_rows:
         ax = axes[2]

@@ -31,6 +31,7 @@ def bench(
     train_segment: int = typer.Option(512, help="Segment length of the training step."),
     train_batch: int = typer.Option(1, help="Batch of the training step."),
     train_warmup: int = typer.Option(1, help="Untimed training steps before the timed one."),
+    paired: int = typer.Option(0, help="Also time this many segments in alternating base/memory pairs (a steadier ratio on a busy machine)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Seed of the random tokens."),
     out: Optional[Path] = typer.Option(None, help="JSON output; default results/bench-<device>.json (the plot goes beside it as .png)."),
@@ -59,6 +60,7 @@ def bench(
             train_segment=train_segment,
             train_batch=train_batch,
             train_warmup=train_warmup,
+            paired=paired,
             seed=seed,
         )
     except ValueError as e:
@@ -71,4 +73,7 @@ def bench(
     ratio = result["summary"].get("memory_over_base_segments", {}).get("geomean")
     if ratio is not None:
         typer.echo(f"memory / base_segments throughput: {ratio:.3f} (geometric mean over {len(result['summary']['memory_over_base_segments']['pairs'])} settings)")
+    pr = result["summary"].get("paired_memory_over_base_segments")
+    if pr:
+        typer.echo(f"paired segments: memory / base throughput median {pr['median']:.3f} over {pr['pairs']} pairs")
     typer.echo(f"wrote {json_path} and {png_path}")
