@@ -47,3 +47,12 @@ def real_gemma():
     from gma6 import load_base
 
     return load_base(progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread than fighting for two shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
