@@ -19,6 +19,11 @@ DEFAULT_MODEL_ID = "gemma-3-270m (embedded GGUF Q4_K_M)"
 _CACHE_SUBDIR = "gemma-3-270m-q4km-v1"
 
 
+def default_adapter() -> Path:
+    """The memory adapter shipped with gma6 for the embedded Gemma 3 270M (see its training.json)."""
+    return Path(__file__).parent / "adapters" / "gemma3-270m-babilong"
+
+
 def cache_dir() -> Path:
     """Where gma6 keeps converted checkpoints (``$GMA6_CACHE`` or ``~/.cache/gma6``)."""
     root = os.environ.get("GMA6_CACHE") or os.path.join(

@@ -57,7 +57,8 @@ def encode_episode(sample: Sample, tokenizer: Any) -> Episode:
     return Episode(
         context=encode(tokenizer, parts.prefix + parts.context),
         question=encode(tokenizer, parts.suffix),
-        answer=encode(tokenizer, " " + sample.target),
+        # The full stop teaches a trained memory to end its answer (BABILong's scorer cuts there).
+        answer=encode(tokenizer, " " + sample.target + "."),
     )
 
 
