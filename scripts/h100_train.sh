@@ -5,7 +5,7 @@
 set -uo pipefail
 name=${1:-run}; shift || true
 export PYTHONUNBUFFERED=1 GMA6_CACHE=/tmp/gcache TOKENIZERS_PARALLELISM=false
-cd /tmp/g && [ -f gemma.gguf ] || cat *.part00 *.part01 *.part02 *.part03 > gemma.gguf; sha256sum gemma.gguf; cd - >/dev/null
+cd /tmp/g && if [ ! -f gemma.gguf ]; then if [ -f p0 ]; then cat p? > gemma.gguf; else cat *.part00 *.part01 *.part02 *.part03 > gemma.gguf; fi; fi; sha256sum gemma.gguf; cd - >/dev/null
 python3 -m pip install -q --no-deps --target /tmp/pylib .device/wheels/*.whl 2>&1 | grep -v WARN | tail -2
 export PYTHONPATH=/tmp/pylib:src
 run=/tmp/runs/$name
