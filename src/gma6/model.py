@@ -144,17 +144,17 @@ class MemoryModel(nn.Module):
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
+        if kwargs.get("position_ids") is None:
+            # Positions count real tokens only, so a left-padded sample sees what it sees alone.
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         if self._disabled:
-            out = self.base(input_ids=input_ids, attention_mask=mask, labels=labels, **kwargs)
+            out = self.base(input_ids=input_ids, attention_mask=mask.long(), labels=labels, **kwargs)
             return MemoryOutput(out.logits, getattr(out, "loss", None), memory_state or state)
         has_tokens = mask.any(dim=1)
         base_mask = mask.clone()
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
         base_mask[:, 0] |= ~has_tokens  # not boolean indexing: that would sync with the device
-        if kwargs.get("position_ids") is None:
-            # Positions count real tokens only, so a left-padded sample sees what it sees alone.
-            kwargs["position_ids"] = (base_mask.long().cumsum(-1) - 1).clamp(min=0)
         call = _Call(memory=state.memory, collect=write, return_stats=return_stats)
         if self._pass_kwarg:
             kwargs[_CALL_KWARG] = call

@@ -30,7 +30,8 @@ def demo(
 
     from ..base import default_adapter
     from ..config import GMA6Config
-    from ..data import generate_samples, parse_length, score
+    from ..choices import rank_choices
+    from ..data import answer_choices, generate_samples, parse_length, score
     from ..episodes import encode_episode
     from ..evaluation import answer_text, last_segment_prompt, question_prompt
     from ..model import attach_memory, load_adapter
@@ -62,6 +63,8 @@ def demo(
         return answer_text(tok.decode(out[0, len(ids):], skip_special_tokens=True)).strip()
 
     right = {"bare": 0, "memory": 0}
+    picked = {"bare": 0, "memory": 0}
+    choices = list(answer_choices(task))
     t_read = tokens = 0.0
     for i, sample in enumerate(stories, 1):
         ep = encode_episode(sample, tok)
@@ -69,18 +72,23 @@ def demo(
                    f"{-(-len(ep.context) // (segment_length - 1))} segments of {segment_length}")
         typer.echo("  facts hidden in it: " + " ".join(sample.facts[-4:]) + (" ..." if len(sample.facts) > 4 else ""))
         typer.echo(f"  question: {sample.question}   (answer: {sample.target})")
+        bare_prompt = last_segment_prompt(ep, segment_length, bos)
         with mm.memory_disabled():
-            bare = answer(last_segment_prompt(ep, segment_length, bos))
+            bare = answer(bare_prompt)
+            bare_pick = rank_choices(mm, bare_prompt, choices, tok)
         t = time.perf_counter()
         state = mm.read(torch.tensor([ep.context], device=mm.device), segment_length=segment_length,
                         bos_token_id=bos, progress=True)
         t_read += time.perf_counter() - t
         tokens += len(ep.context)
         mem = answer(question_prompt(ep, bos), state)
-        for name, out in (("bare", bare), ("memory", mem)):
+        mem_pick = rank_choices(mm, question_prompt(ep, bos), choices, tok, state)
+        for name, out, pick in (("bare", bare, bare_pick), ("memory", mem, mem_pick)):
             ok = score(out, sample.target, sample.question, task)
             right[name] += ok
-            typer.echo(f"  {name:>6}: {out!r:<28} {'right' if ok else 'wrong'}")
+            picked[name] += pick == sample.target
+            typer.echo(f"  {name:>6}: says {out!r:<30} {'right' if ok else 'wrong'};  "
+                       f"likeliest choice {pick!r} {'right' if pick == sample.target else 'wrong'}")
     with torch.no_grad():
         stats = mm(input_ids=torch.tensor([[bos]], device=mm.device), memory_state=state, return_stats=True).stats
     typer.echo(f"\nread {tokens:.0f} tokens at {tokens / max(t_read, 1e-9):.0f} tokens/s")
@@ -90,5 +98,7 @@ def demo(
             typer.echo(f"  layer {layer:>2}: input gate {float(st['input_gate'].mean()):.2f}  forget gate "
                        f"{float(st['forget_gate'].mean()):.2f}  output gate {float(st['output_gate'].mean()):.2f}  "
                        f"slot usage {float(st['usage'].mean()):.2f}  mean age {float(st['age'].mean()):.1f} segments")
-    typer.echo(f"\naccuracy over {samples} stories: bare model, last segment only {right['bare']}/{samples}; "
-               f"with memory {right['memory']}/{samples}")
+    typer.echo(f"\nover {samples} stories (bare model: last segment + question; memory: read all, then the question):")
+    typer.echo(f"  free answer, BABILong scorer:  bare {right['bare']}/{samples}   memory {right['memory']}/{samples}")
+    typer.echo(f"  likeliest of {len(choices)} choices:        bare {picked['bare']}/{samples}   memory {picked['memory']}/{samples}"
+               f"   (chance {samples / len(choices):.1f})")
