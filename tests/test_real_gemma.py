@@ -33,3 +33,22 @@ def test_fresh_memory_leaves_real_gemma_unchanged(real_gemma):
             assert mm.get_nb_trainable_parameters()[0] < 4_000_000
         finally:
             mm.detach()
+
+
+def test_shipped_adapter_loads_onto_the_embedded_default(real_gemma):
+    import gma6
+    from gma6.base import default_adapter
+
+    model, tok = real_gemma
+    ids = tok("Mary moved to the bathroom. Where is Mary?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model(input_ids=ids, logits_to_keep=1).logits
+        mm = gma6.load_adapter(model, default_adapter())
+        try:
+            state = mm.read(ids, segment_length=8, bos_token_id=tok.bos_token_id)
+            out = mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False)
+            assert torch.isfinite(out.logits).all()
+            assert (out.logits - ref).abs().max().item() > 1e-3  # a trained memory does change outputs
+        finally:
+            mm.detach()
+        assert torch.equal(model(input_ids=ids, logits_to_keep=1).logits, ref)

@@ -108,6 +108,7 @@ def load_base(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    load_in_4bit: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and its tokenizer.
@@ -118,6 +119,7 @@ def load_base(
         dtype: torch dtype or its name; defaults to float32.
         device: where to put the model; defaults to CPU.
         progress: show a progress bar while building the embedded default's cache.
+        load_in_4bit: load the frozen base in 4 bits (bitsandbytes, CUDA); ``device`` must be None.
         **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
 
     Returns:
@@ -138,6 +140,12 @@ def load_base(
         p = Path(name_or_path)
         if (p.exists() or str(name_or_path).startswith((".", "/"))) and not (p / "config.json").exists():
             raise FileNotFoundError(f"{name_or_path}: not a Hugging Face checkpoint folder (no config.json)")
+    if load_in_4bit:
+        from .options import quantized_load_kwargs
+
+        if device is not None:
+            raise ValueError("load_in_4bit places the model on the current CUDA device; pass device=None")
+        kwargs = {**quantized_load_kwargs(torch_dtype if torch_dtype != torch.float32 else torch.bfloat16), **kwargs}
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     if device is not None:
