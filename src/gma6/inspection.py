@@ -187,4 +187,10 @@ def plot(state: MemoryState, meta: dict[str, Any], out_dir: str | os.PathLike) -
 def _save(fig: Any, path: Path) -> Path:
     from .io import atomic_write
 
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    def write(tmp: str) -> None:
+        fig.savefig(tmp, format="png", dpi=100)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # atomic_write's temporary file is private (0600)
+
+    return atomic_write(path, write)
