@@ -95,3 +95,18 @@ def test_cli_train_rejects_bad_arguments():
     result = CliRunner().invoke(app, ["train", "--out", "x", "--tasks", "qa1,qa7"])
     assert result.exit_code != 0
     assert "qa7" in result.output
+
+
+def test_the_same_loop_trains_the_rmt_peer(tmp_path):
+    base = tiny_gemma3(seed=0, vocab=128, hidden=32)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    rmt = attach_memory(base, GMA6Config(memory_type="rmt", num_slots=4))
+    start = {n: p.detach().clone() for n, p in rmt.controller.named_parameters()}
+    train(rmt, TOK, small_cfg(curriculum=[1], steps_per_stage=3), tmp_path, progress=False)
+    assert any(not torch.equal(p, start[n]) for n, p in rmt.controller.named_parameters())
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    import gma6
+
+    loaded = gma6.load_adapter(rmt.detach(), tmp_path / "adapter")
+    assert loaded.config.memory_type == "rmt"
