@@ -6,37 +6,23 @@ Dimensions: B batch, T tokens of a segment, L memory layers, S slots, D slot wid
 from __future__ import annotations
 
 import inspect
-import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
-from .config import CONFIG_NAME, GMA6Config
-from .integration import LayerHooks, check_decoder_only, find_decoder_layers, find_reading_norms, text_config
-from .io import atomic_write
+from .config import GMA6Config
+from .integration import LayerHooks, find_decoder_layers, find_reading_norms
 from .memory import MemoryController
-from .options import apply_system_options
 from .state import MemoryState
+from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
 
-WEIGHTS_NAME = "memory_adapter.safetensors"
+__all__ = ["WEIGHTS_NAME", "MemoryModel", "MemoryOutput", "attach_memory", "load_adapter", "memory_class",
+           "pack_left", "split_segments"]
+
 _CALL_KWARG = "gma6_call"
-
-
-@dataclass
-class MemoryOutput:
-    """What ``MemoryModel.forward`` returns."""
-
-    logits: torch.Tensor
-    loss: torch.Tensor | None
-    memory_state: MemoryState
-    stats: list[dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -50,33 +36,25 @@ class _Call:
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
-class MemoryModel(nn.Module):
-    """A frozen base model plus a trainable memory (see ``attach_memory``)."""
+class MemoryModel(MemoryWrapper):
+    """A frozen base model plus a trainable LM2-style memory, read and written through hooks."""
 
     def __init__(self, base: nn.Module, config: GMA6Config) -> None:
-        super().__init__()
-        check_decoder_only(base)
-        if not isinstance(config, GMA6Config):
-            raise TypeError(f"config must be a GMA6Config, got {type(config).__name__}")
-        tc = text_config(base)
-        self.config = config.resolve(tc.hidden_size, tc.num_hidden_layers, str(getattr(tc, "model_type", "unknown")))
-        self.base = base
-        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
-        base.requires_grad_(False)
-        apply_system_options(base, self.config)
-        param = next(base.parameters())
-        self.controller = MemoryController(self.config).to(param.device)
+        super().__init__(base, config)
+        self.controller = MemoryController(self.config).to(self._base_device())
         self._call: _Call | None = None
-        self._disabled = False
-        self._detached = False
         forward_params = inspect.signature(base.forward).parameters.values()
         # Passing the call through the forward's kwargs lets a checkpointed layer see the same
         # memory when it is recomputed in backward; models without **kwargs use the attribute.
         self._pass_kwarg = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_params)
-        decoder_layers = find_decoder_layers(base)
-        # A plain list: the base's norms must not become part of the adapter's state_dict.
-        self._reading_norms = find_reading_norms(base, self.config.layers)
-        self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
+        try:
+            decoder_layers = find_decoder_layers(base)
+            # A plain list: the base's norms must not become part of the adapter's state_dict.
+            self._reading_norms = find_reading_norms(base, self.config.layers)
+            self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
+        except BaseException:
+            self.detach()
+            raise
 
     # ------------------------------------------------------------------ hooks
     def _make_hook(self, slot: int):
@@ -99,25 +77,6 @@ class MemoryModel(nn.Module):
             return new
 
         return fn
-
-    # ------------------------------------------------------------------ state
-    @property
-    def device(self) -> torch.device:
-        return self.controller.initial_memory.device
-
-    def init_state(self, batch_size: int) -> MemoryState:
-        """A fresh memory for ``batch_size`` samples."""
-        self._check_attached()
-        state = self.controller.init_state(batch_size, self.device)
-        return state.to("cpu") if self.config.offload_to_cpu else state
-
-    def _prepare_state(self, state: MemoryState | None, batch_size: int) -> MemoryState:
-        if state is None:
-            return self.controller.init_state(batch_size, self.device)
-        if not isinstance(state, MemoryState):
-            raise TypeError(f"memory_state must be a MemoryState, got {type(state).__name__}")
-        state.check(self.controller.shape, batch_size)
-        return state.to(self.device)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -225,86 +184,10 @@ class MemoryModel(nn.Module):
         finally:
             self._call = None
 
-    @contextmanager
-    def memory_disabled(self) -> Iterator[None]:
-        """Run the bare base model inside this block."""
-        previous = self._disabled
-        self._disabled = True
-        try:
-            yield
-        finally:
-            self._disabled = previous
-
-    # ------------------------------------------------------------------ lifecycle
-    def detach(self) -> nn.Module:
-        """Remove every hook, restore the base's ``requires_grad`` flags and return the base."""
-        self._hooks.remove()
-        for name, p in self.base.named_parameters():
-            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
-        self._detached = True
-        return self.base
-
-    def _check_attached(self) -> None:
-        if self._detached:
-            raise RuntimeError("this MemoryModel was detached; attach a memory again with gma6.attach_memory")
-
-    def memory_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters of the memory."""
-        return [p for p in self.controller.parameters() if p.requires_grad]
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        """Print the counts in PEFT's format."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-    # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``gma6_config.json`` and ``memory_adapter.safetensors`` (atomically) into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.controller.state_dict().items()}
-        meta = {"gma6_version": __version__, "base": str(getattr(self.base.config, "_name_or_path", ""))}
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"gma6": json.dumps(meta)}))
-        self.config.save(directory)
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, base: nn.Module, directory: str | os.PathLike, **overrides: Any) -> MemoryModel:
-        """Attach the adapter saved in ``directory`` to ``base``.
-
-        ``overrides`` replace runtime options of the saved config (e.g. ``offload_to_cpu=True``).
-        """
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config = GMA6Config.load(directory)
-        if overrides:
-            config = GMA6Config.from_dict({**config.to_dict(), **overrides})
-        weights = directory / WEIGHTS_NAME
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights}: missing (is {directory} a gma6 adapter folder?)")
-        model = cls(base, config)
-        try:
-            tensors = load_file(str(weights), device=str(model.device))
-        except Exception as e:
-            model.detach()
-            raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
-        own = model.controller.state_dict()
-        problems = sorted(set(own) ^ set(tensors)) + [
-            f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in tensors and tensors[k].shape != v.shape
-        ]
-        if problems:
-            model.detach()
-            raise ValueError(f"{weights} does not match its config: {problems[:5]}")
-        model.controller.load_state_dict(tensors)
-        return model
+    def _remove_hooks(self) -> None:
+        hooks = getattr(self, "_hooks", None)
+        if hooks is not None:
+            hooks.remove()
 
 
 def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> nn.Module:

@@ -42,8 +42,6 @@ L = 1: memory (B, 1, N, H), usage zeros, age = segments read with real tokens.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,10 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GMA6Config
-from .integration import check_decoder_only, text_config
-from .model import MemoryModel, MemoryOutput, _check_input, split_segments
-from .options import apply_system_options
+from .model import _check_input, split_segments
 from .state import MemoryState
+from .wrapper import MemoryOutput, MemoryWrapper
 
 __all__ = ["RMTController", "RMTMemoryModel", "embedding_rms", "update_parameter_count"]
 
@@ -106,7 +103,7 @@ class RMTController(nn.Module):
         return self.update(self.norm(h))
 
 
-class RMTMemoryModel(nn.Module):
+class RMTMemoryModel(MemoryWrapper):
     """A frozen base model plus RMT memory tokens (see the module docstring).
 
     Public API as ``MemoryModel``: ``init_state``, ``forward``, ``read``, ``generate``,
@@ -114,51 +111,22 @@ class RMTMemoryModel(nn.Module):
     """
 
     def __init__(self, base: nn.Module, config: GMA6Config) -> None:
-        super().__init__()
-        check_decoder_only(base)
-        if not isinstance(config, GMA6Config):
-            raise TypeError(f"config must be a GMA6Config, got {type(config).__name__}")
-        if config.memory_type != "rmt":
+        if isinstance(config, GMA6Config) and config.memory_type != "rmt":
             raise ValueError(f"RMTMemoryModel needs memory_type='rmt', got {config.memory_type!r}")
-        tc = text_config(base)
-        self.config = config.resolve(tc.hidden_size, tc.num_hidden_layers, str(getattr(tc, "model_type", "unknown")))
+        super().__init__(base, config)
         embedding = base.get_input_embeddings() if callable(getattr(base, "get_input_embeddings", None)) else None
         if embedding is None:
+            self.detach()
             raise TypeError(f"{type(base).__name__} has no input embeddings; RMT feeds memory tokens as inputs_embeds")
-        self.base = base
-        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
-        base.requires_grad_(False)
-        apply_system_options(base, self.config)
-        param = next(base.parameters())
         scale = embedding_rms(embedding)
-        self.controller = RMTController(self.config.num_slots, self.config.hidden_size, scale).to(param.device)
-        self._disabled = False
-        self._detached = False
+        self.controller = RMTController(self.config.num_slots, self.config.hidden_size, scale).to(self._base_device())
         self._keeps_logits = "logits_to_keep" in inspect.signature(base.forward).parameters
 
     # ------------------------------------------------------------------ state
     @property
-    def device(self) -> torch.device:
-        return self.controller.initial_memory.device
-
-    @property
     def num_tokens(self) -> int:
         """N, the number of memory tokens."""
         return self.controller.initial_memory.shape[0]
-
-    def init_state(self, batch_size: int) -> MemoryState:
-        """A fresh memory for ``batch_size`` samples."""
-        self._check_attached()
-        state = self.controller.init_state(batch_size, self.device)
-        return state.to("cpu") if self.config.offload_to_cpu else state
-
-    def _prepare_state(self, state: MemoryState | None, batch_size: int) -> MemoryState:
-        if state is None:
-            return self.controller.init_state(batch_size, self.device)
-        if not isinstance(state, MemoryState):
-            raise TypeError(f"memory_state must be a MemoryState, got {type(state).__name__}")
-        state.check(self.controller.shape, batch_size)
-        return state.to(self.device)
 
     # ------------------------------------------------------------------ forward
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -369,39 +337,6 @@ class RMTMemoryModel(nn.Module):
             return full
         out.sequences = full
         return out
-
-    @contextmanager
-    def memory_disabled(self) -> Iterator[None]:
-        """Run the bare base model inside this block."""
-        previous = self._disabled
-        self._disabled = True
-        try:
-            yield
-        finally:
-            self._disabled = previous
-
-    # ------------------------------------------------------------------ lifecycle
-    def detach(self) -> nn.Module:
-        """Restore the base's ``requires_grad`` flags and return the base (RMT registers no lasting hook)."""
-        for name, p in self.base.named_parameters():
-            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
-        self._detached = True
-        return self.base
-
-    def _check_attached(self) -> None:
-        if self._detached:
-            raise RuntimeError("this RMTMemoryModel was detached; attach a memory again with gma6.attach_memory")
-
-    def memory_parameters(self) -> list[nn.Parameter]:
-        """The trainable parameters of the memory."""
-        return [p for p in self.controller.parameters() if p.requires_grad]
-
-    # Shared with MemoryModel: both keep their weights in ``self.controller`` and the base in
-    # ``self.base``, so parameter counts and the adapter files are the same code.
-    get_nb_trainable_parameters = MemoryModel.get_nb_trainable_parameters
-    print_trainable_parameters = MemoryModel.print_trainable_parameters
-    save_pretrained = MemoryModel.save_pretrained
-    from_pretrained = classmethod(MemoryModel.from_pretrained.__func__)  # type: ignore[attr-defined]
 
 
 def update_parameter_count(num_tokens: int, hidden_size: int) -> int:

@@ -1,0 +1,166 @@
+"""MemoryWrapper: what every memory kind shares (the gated memory and the RMT peer).
+
+A frozen base in ``self.base``, the trainable weights in ``self.controller`` (the only part saved),
+a state that goes in and comes out explicitly, and the adapter files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import __version__
+from .config import GMA6Config
+from .integration import check_decoder_only, text_config
+from .io import atomic_write
+from .options import apply_system_options
+from .state import MemoryState
+
+WEIGHTS_NAME = "memory_adapter.safetensors"
+
+
+@dataclass
+class MemoryOutput:
+    """What a memory model's ``forward`` returns."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    memory_state: MemoryState
+    stats: list[dict[str, torch.Tensor]] | None = None
+
+
+class MemoryWrapper(nn.Module):
+    """Base class of the memory kinds. Subclasses set ``self.controller`` (an ``nn.Module`` with
+    ``initial_memory``, ``shape`` and ``init_state``) and implement ``forward``/``read``/``generate``."""
+
+    controller: nn.Module
+
+    def __init__(self, base: nn.Module, config: GMA6Config) -> None:
+        super().__init__()
+        check_decoder_only(base)
+        if not isinstance(config, GMA6Config):
+            raise TypeError(f"config must be a GMA6Config, got {type(config).__name__}")
+        tc = text_config(base)
+        self.config = config.resolve(tc.hidden_size, tc.num_hidden_layers, str(getattr(tc, "model_type", "unknown")))
+        self.base = base
+        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
+        base.requires_grad_(False)
+        apply_system_options(base, self.config)
+        self._disabled = False
+        self._detached = False
+
+    def _base_device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    # ------------------------------------------------------------------ state
+    @property
+    def device(self) -> torch.device:
+        return self.controller.initial_memory.device
+
+    def init_state(self, batch_size: int) -> MemoryState:
+        """A fresh memory for ``batch_size`` samples."""
+        self._check_attached()
+        state = self.controller.init_state(batch_size, self.device)
+        return state.to("cpu") if self.config.offload_to_cpu else state
+
+    def _prepare_state(self, state: MemoryState | None, batch_size: int) -> MemoryState:
+        if state is None:
+            return self.controller.init_state(batch_size, self.device)
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"memory_state must be a MemoryState, got {type(state).__name__}")
+        state.check(self.controller.shape, batch_size)
+        return state.to(self.device)
+
+    @contextmanager
+    def memory_disabled(self) -> Iterator[None]:
+        """Run the bare base model inside this block."""
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    # ------------------------------------------------------------------ lifecycle
+    def _remove_hooks(self) -> None:
+        """Subclasses that hook the base remove their hooks here."""
+
+    def detach(self) -> nn.Module:
+        """Remove every hook, restore the base's ``requires_grad`` flags and return the base."""
+        self._remove_hooks()
+        for name, p in self.base.named_parameters():
+            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
+        self._detached = True
+        return self.base
+
+    def _check_attached(self) -> None:
+        if self._detached:
+            raise RuntimeError(f"this {type(self).__name__} was detached; attach a memory again with gma6.attach_memory")
+
+    def memory_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters of the memory."""
+        return [p for p in self.controller.parameters() if p.requires_grad]
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts in PEFT's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``gma6_config.json`` and ``memory_adapter.safetensors`` (atomically) into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.controller.state_dict().items()}
+        meta = {"gma6_version": __version__, "base": str(getattr(self.base.config, "_name_or_path", ""))}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"gma6": json.dumps(meta)}))
+        self.config.save(directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, base: nn.Module, directory: str | os.PathLike, **overrides: Any) -> MemoryWrapper:
+        """Attach the adapter saved in ``directory`` to ``base``.
+
+        ``overrides`` replace runtime options of the saved config (e.g. ``offload_to_cpu=True``).
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = GMA6Config.load(directory)
+        if overrides:
+            config = GMA6Config.from_dict({**config.to_dict(), **overrides})
+        weights = directory / WEIGHTS_NAME
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights}: missing (is {directory} a gma6 adapter folder?)")
+        model = cls(base, config)
+        try:
+            tensors = load_file(str(weights), device=str(model.device))
+        except Exception as e:
+            model.detach()
+            raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
+        own = model.controller.state_dict()
+        problems = sorted(set(own) ^ set(tensors)) + [
+            f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+            for k, v in own.items()
+            if k in tensors and tensors[k].shape != v.shape
+        ]
+        if problems:
+            model.detach()
+            raise ValueError(f"{weights} does not match its config: {problems[:5]}")
+        model.controller.load_state_dict(tensors)
+        return model
