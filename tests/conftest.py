@@ -34,6 +34,14 @@ def tiny_gemma3(seed: int = 0, layers: int = 4, hidden: int = 32, vocab: int = 6
     return Gemma3ForCausalLM(cfg).eval()
 
 
+def perturb(mm, seed: int = 0) -> None:
+    """Give every memory weight a random value, so the memory actually reads and writes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_gemma3()

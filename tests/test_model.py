@@ -9,17 +9,10 @@ import gma6
 from gma6 import GMA6Config, MemoryModel, attach_memory
 from gma6.integration import hook_count
 
+from conftest import perturb as _perturb
 from conftest import tiny_gemma3
 
 SMALL = dict(num_slots=4, memory_dim=16, num_heads=2)
-
-
-def _perturb(mm: MemoryModel, seed: int = 0) -> None:
-    """Give every memory weight a random value, so the memory actually changes outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mm.controller.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_fresh_memory_leaves_logits_unchanged(tiny_model):

@@ -12,16 +12,10 @@ from gma6 import GMA6Config, MemoryModel, attach_memory
 from gma6.integration import find_decoder_layers, hook_count
 from gma6.options import MemoryBudgetError, check_memory_budget, estimate_peak_bytes, plan_batch
 
+from conftest import perturb as _perturb
 from conftest import tiny_gemma3
 
 SMALL = dict(num_slots=4, memory_dim=16, num_heads=2)
-
-
-def _perturb(mm: MemoryModel, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mm.controller.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _pair(**options_on):

@@ -13,26 +13,10 @@ from gma6 import GMA6Config, attach_memory
 from gma6.integration import hook_count
 from gma6.rmt import RMTMemoryModel, update_parameter_count
 
+from conftest import perturb as _perturb
 from conftest import tiny_gemma3
 
 RMT = dict(memory_type="rmt", num_slots=4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than two fighting over a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _perturb(mm: RMTMemoryModel, seed: int = 0) -> None:
-    """Give every memory weight a random value, so the update map actually writes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in mm.controller.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _ids(shape, seed):
