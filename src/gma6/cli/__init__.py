@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
 app = typer.Typer(
@@ -19,13 +17,9 @@ def _root() -> None:
     """GMA6: long-term memory for frozen Hugging Face causal LMs (LM2-style, Gemma 3 first)."""
 
 
-# Subcommand modules; a module that is missing (not written yet) is skipped, not fatal.
-for _name in ("demo", "train", "eval", "bench", "read"):
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{_name}":
-            raise
+# Each subcommand module registers itself on ``app`` when imported.
+from . import bench, demo, read, train  # noqa: E402,F401
+from . import eval as _eval  # noqa: E402,F401
 
 
 def main() -> None:
