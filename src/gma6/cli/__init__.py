@@ -11,15 +11,15 @@ app = typer.Typer(
 )
 
 
-
 @app.callback()
 def _root() -> None:
     """GMA6: long-term memory for frozen Hugging Face causal LMs (LM2-style, Gemma 3 first)."""
 
 
 # Each subcommand module registers itself on ``app`` when imported.
-from . import bench, demo, read, train  # noqa: E402,F401
+from . import demo, train  # noqa: E402,F401  (order = order in --help)
 from . import eval as _eval  # noqa: E402,F401
+from . import bench, read  # noqa: E402,F401
 
 
 def main() -> None:
