@@ -1,0 +1,59 @@
+"""Issue 4's "the memory must not hurt the base": perplexity of held-out text, bare vs memory.
+
+Usage: python scripts/perplexity_check.py HELD_OUT.txt UNRELATED.txt [--adapter DIR] [--tokens 2048]
+Writes results/perplexity-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+
+import torch
+
+import gma6
+from gma6.base import default_adapter
+from gma6.io import atomic_write_text
+from gma6.perplexity import segment_perplexity
+
+p = argparse.ArgumentParser()
+p.add_argument("held_out")
+p.add_argument("unrelated")
+p.add_argument("--adapter", default=str(default_adapter()))
+p.add_argument("--tokens", type=int, default=2048)
+p.add_argument("--segment-length", type=int, default=256)
+args = p.parse_args()
+torch.manual_seed(0)
+model, tok = gma6.load_base(progress=False)
+
+
+def ids_of(path: str) -> torch.Tensor:
+    text = open(path, encoding="utf-8", errors="replace").read()
+    return torch.tensor([tok.encode(text, add_special_tokens=False)[: args.tokens]])
+
+
+held, other = ids_of(args.held_out), ids_of(args.unrelated)
+rows = []
+for name, adapter in (("fresh memory", None), ("shipped adapter", args.adapter)):
+    mm = gma6.attach_memory(model, gma6.GMA6Config()) if adapter is None else gma6.load_adapter(model, adapter)
+    t = time.time()
+    with mm.memory_disabled():
+        bare = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
+    mem = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
+    state = mm.read(other, segment_length=args.segment_length, bos_token_id=tok.bos_token_id)
+    after = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id, memory_state=state)
+    mm.detach()
+    rows.append({"memory": name, "bare": round(bare, 4), "with_memory": round(mem, 4),
+                 "with_memory_after_unrelated": round(after, 4), "ratio": round(mem / bare, 4),
+                 "ratio_after_unrelated": round(after / bare, 4), "seconds": round(time.time() - t, 1)})
+    print(rows[-1], flush=True)
+device = "cpu"
+out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "date": time.strftime("%Y-%m-%d"),
+       "device": device, "machine": platform.processor() or platform.machine(), "dtype": "float32",
+       "held_out": args.held_out, "unrelated": args.unrelated, "tokens": args.tokens,
+       "segment_length": args.segment_length, "rows": rows}
+atomic_write_text(f"results/perplexity-{device}.json", json.dumps(out, indent=1) + "\n")
