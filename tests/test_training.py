@@ -110,3 +110,18 @@ def test_the_same_loop_trains_the_rmt_peer(tmp_path):
 
     loaded = gma6.load_adapter(rmt.detach(), tmp_path / "adapter")
     assert loaded.config.memory_type == "rmt"
+
+
+def test_context_lm_loss_is_logged_and_resume_stays_exact(tmp_path):
+    cfg = small_cfg(lm_weight=0.5, lm_positions=4)
+    whole = fresh()
+    train(whole, TOK, cfg, tmp_path / "whole", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert all(r["context_lm_loss"] is not None and r["context_lm_loss"] > 0 for r in rows)
+    train(fresh(), TOK, cfg, tmp_path / "part", progress=False, max_steps=7)
+    resumed = fresh()
+    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
+    for (n, a), b in zip(whole.controller.named_parameters(), resumed.controller.parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="lm_weight"):
+        small_cfg(lm_weight=-1)

@@ -51,6 +51,8 @@ class TrainConfig:
         seed: base seed of the training data stream and of torch.
         log_every, checkpoint_every: in steps (checkpoint_every 0: only at the end).
         lora_rank: co-train LoRA adapters of this rank on the base (0: memory only; needs peft).
+        lm_weight: weight of the next-token loss on the context (at ``lm_positions`` random
+            positions a segment), which keeps the memory from hurting the base on ordinary text.
     """
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -69,6 +71,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     lora_rank: int = 0
+    lm_weight: float = 0.0
+    lm_positions: int = 16
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
@@ -92,6 +96,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
+        if not (isinstance(self.lm_weight, (int, float)) and self.lm_weight >= 0):
+            raise ValueError(f"lm_weight={self.lm_weight!r}: expected a number >= 0")
+        if isinstance(self.lm_positions, bool) or not isinstance(self.lm_positions, int) or self.lm_positions <= 0:
+            raise ValueError(f"lm_positions={self.lm_positions!r}: expected a positive int")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
 
@@ -140,15 +148,37 @@ def _identity(batch: Batch) -> Batch:
 
 
 def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
-                bptt_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read the context with the memory carried, then the loss and accuracy on the answer tokens."""
+                bptt_segments: int | None = None, lm_positions: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the context with the memory carried, then the loss and accuracy on the answer tokens.
+
+    With ``lm_positions > 0`` the loss also holds the next-token loss of the context at that many
+    random positions a segment (see ``context_lm_loss``), averaged with the answer loss by the caller.
+    """
+    loss, acc, _ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions)
+    return loss, acc
+
+
+def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
+            bptt_segments: int | None, lm_positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     b = batch.context.shape[0]
     state = model.init_state(b)
     segments = split_segments(batch.context, batch.context_mask, segment_length, bos_token_id)
+    lm_terms = []
     for k, (ids, mask) in enumerate(segments):
         if bptt_segments is not None and len(segments) - k > bptt_segments:
             state = state.detach()
-        state = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1).memory_state
+        if lm_positions and ids.shape[1] > 2:
+            # A few random positions a segment: full 262k-wide logits for every token would not fit.
+            pos = torch.randperm(ids.shape[1] - 1)[:lm_positions].sort().values.to(ids.device)
+            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=pos)
+            valid = mask[:, pos] & mask[:, pos + 1]
+            target = ids[:, pos + 1].masked_fill(~valid, -100)
+            total = F.cross_entropy(out.logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
+                                    reduction="sum")
+            lm_terms.append(total / valid.sum().clamp(min=1))
+        else:
+            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1)
+        state = out.memory_state
     answer_len = int(batch.answer_mask.sum(1).max())
     # Logits only where they predict answer tokens: the vocabulary is 262k wide.
     out = model(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=state,
@@ -158,7 +188,8 @@ def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_i
     mask = batch.answer_mask[:, -answer_len:]
     loss = F.cross_entropy(logits[mask], targets[mask])
     correct = (logits.argmax(-1) == targets) | ~mask
-    return loss, correct.all(1).float().mean()
+    lm = torch.stack(lm_terms).mean() if lm_terms else None
+    return loss, correct.all(1).float().mean(), lm
 
 
 @torch.no_grad()
@@ -266,11 +297,14 @@ def train(
     batches = torch.utils.data.DataLoader(
         _StepBatches(cfg, tokenizer, bos, pad), batch_size=None, sampler=range(step, last),
         num_workers=num_workers, prefetch_factor=4 if num_workers else None, collate_fn=_identity,
+        generator=torch.Generator(),  # its seed draw must not advance the global RNG a resume restores
     )
     for batch in batches:
         batch = batch.to(model.device)
-        loss, acc = answer_loss(model, batch, cfg.segment_length, bos, cfg.bptt_segments)
-        loss.backward()
+        loss, acc, lm = _losses(model, batch, cfg.segment_length, bos, cfg.bptt_segments,
+                                cfg.lm_positions if cfg.lm_weight else 0)
+        total = loss + cfg.lm_weight * lm if lm is not None else loss
+        total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
         sched.step()
@@ -281,7 +315,8 @@ def train(
         if step % cfg.log_every == 0 or step == last:
             dt = time.perf_counter() - t0
             record = {"step": step, "stage": cfg.stage(step - 1), "segments": cfg.curriculum[cfg.stage(step - 1)],
-                      "loss": round(float(loss.detach()), 5), "acc": round(float(acc), 4), "lr": sched.get_last_lr()[0],
+                      "loss": round(float(loss.detach()), 5), "acc": round(float(acc), 4),
+                      "context_lm_loss": round(float(lm.detach()), 5) if lm is not None else None, "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -327,8 +362,10 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
     saved = json.loads(state["train_config"])
     mine = dataclasses.asdict(cfg)
-    fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank")
-    diff = {k: (saved.get(k), mine[k]) for k in fixed if saved.get(k) != mine[k]}
+    fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
+             "lm_weight", "lm_positions")
+    defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
+    diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:
         raise ValueError(f"{directory}: checkpoint was made with other settings {diff}; use another output folder")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
