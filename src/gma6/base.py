@@ -32,7 +32,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -127,7 +127,7 @@ def load_base(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     if name_or_path is None:
         path = default_checkpoint(progress)
     elif str(name_or_path).endswith(".gguf"):

@@ -24,11 +24,12 @@ def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """``auto``/None: bf16 on CUDA (the frozen base), fp32 on CPU."""
     if dtype in (None, "auto"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise typer.BadParameter(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
-    return names[dtype]
+    from ..base import resolve_dtype
+
+    try:
+        return resolve_dtype(dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 def load(model: str | None, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
