@@ -33,6 +33,7 @@ def cache_dir() -> Path:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """A torch dtype from a dtype or its name (float32/fp32, bfloat16/bf16, float16/fp16); None is float32."""
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from . import app
+from .common import pick_device
 
 
 @app.command()
@@ -43,7 +44,7 @@ def bench(
 
     if threads is not None:
         torch.set_num_threads(threads)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(pick_device(device))
     try:
         config = b.BenchConfig(
             contexts=[b.parse_tokens(c) for c in context],
