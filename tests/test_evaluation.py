@@ -19,6 +19,7 @@ from gma6.evaluation import (
     evaluate,
     format_table,
     last_segment_prompt,
+    merge_results,
     save_results,
 )
 
@@ -201,3 +202,28 @@ def test_save_results_writes_json_and_png(tiny_model, tok, tmp_path):
     assert not list((tmp_path / "res").glob(".*tmp"))
     table = format_table(r)
     assert "base_last_segment" in table and "qa3" in table and "64" in table
+
+
+def test_merge_runs_of_other_systems_on_the_same_samples(tiny_model, tok, tmp_path):
+    common = dict(segment_length=32, progress=False, batch_size=2)
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    mm.save_pretrained(tmp_path / "m")
+    mm.detach()
+    both = evaluate(tiny_model, tok, ["qa1"], ["0k", 64], 2, systems=("base_full", "memory"),
+                    adapter=tmp_path / "m", **common)
+    a = evaluate(tiny_model, tok, ["qa1"], ["0k", 64], 2, systems=("base_full",), **common)
+    b = evaluate(tiny_model, tok, ["qa1"], ["0k", 64], 2, systems=("memory",), adapter=tmp_path / "m", **common)
+    a["command"], b["command"] = "run a", "run b"
+    m = merge_results([a, b])
+    assert m["systems"] == ["base_full", "memory"] and m["commands"] == ["run a", "run b"]
+    assert m["adapter"] == str(tmp_path / "m")
+    assert [(r["system"], r["length"]) for r in m["rows"]] == [(r["system"], r["length"]) for r in both["rows"]]
+    assert [r["accuracy"] for r in m["rows"]] == [r["accuracy"] for r in both["rows"]]
+    assert len(m["outputs"]) == len(a["outputs"]) + len(b["outputs"])
+    assert "memory" in format_table(m)
+    with pytest.raises(ValueError, match="is in run 0 and run 1"):
+        merge_results([a, a])
+    with pytest.raises(ValueError, match="differ"):
+        merge_results([a, {**b, "segment_length": 64}])
+    with pytest.raises(ValueError, match="no results"):
+        merge_results([])

@@ -70,6 +70,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert log == list(range(1, 13))
 
 
+def test_time_limit_checkpoints_and_the_resumed_run_equals_uninterrupted(tmp_path):
+    cfg = small_cfg()
+    whole = fresh()
+    train(whole, TOK, cfg, tmp_path / "whole", progress=False)
+    last = train(fresh(), TOK, cfg, tmp_path / "part", progress=False, time_limit=1e-9)  # stops after one step
+    assert last["stopped"] == "time_limit" and last["stopped_at_step"] == 1
+    assert not (tmp_path / "part" / "adapter").exists()  # an unfinished run ships no adapter
+    resumed = fresh()
+    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
+    for (n, a), b in zip(whole.controller.named_parameters(), resumed.controller.parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="time_limit"):
+        train(fresh(), TOK, cfg, tmp_path / "bad", progress=False, time_limit=0)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     train(fresh(), TOK, small_cfg(), tmp_path, progress=False, max_steps=2)
     with pytest.raises(ValueError, match="other settings"):

@@ -594,6 +594,53 @@ def plot_results(result: Mapping[str, Any], png: str | os.PathLike) -> Path:
     return path
 
 
+def merge_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from several ``evaluate`` runs over the same samples (e.g. systems run side by side).
+
+    The runs must agree on what was asked (tasks' samples: seed, split, segment length, answer
+    length, scoring); a cell (system, task, length) may come from one run only. The merged result
+    keeps every run's command under ``"commands"``.
+    """
+    if not results:
+        raise ValueError("merge_results: no results given")
+    same = ("seed", "split", "segment_length", "max_new_tokens", "scoring", "model")
+    first = results[0]
+    for r in results[1:]:
+        diff = {k: (first.get(k), r.get(k)) for k in same if first.get(k) != r.get(k)}
+        if diff:
+            raise ValueError(f"merge_results: the runs differ in {diff}; their samples or scoring are not the same")
+    merged: dict[str, Any] = {k: v for k, v in first.items() if k not in ("rows", "outputs", "command", "adapters")}
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    adapters: list[dict[str, Any]] = []
+    for i, r in enumerate(results):
+        for row in r.get("rows", []):
+            key = (row["system"], row["task"], row["length"])
+            if key in seen:
+                raise ValueError(f"merge_results: cell {key} is in run {seen[key]} and run {i}")
+            seen[key] = i
+            rows.append(dict(row))
+        adapters += r.get("adapters") or ([{"system": s, "adapter": r["adapter"]} for s in r.get("systems", [])
+                                           if r.get("adapter") and not s.startswith("base_")])
+    samples: dict[str, int] = {}
+    for r in results:
+        for length, count in (r.get("samples") or {}).items():
+            samples[length] = max(samples.get(length, 0), count)
+    merged.update(
+        systems=list(dict.fromkeys(s for r in results for s in r.get("systems", []))),
+        lengths=_lengths_in_order(rows) if rows else first.get("lengths", []),
+        samples=samples,
+        commands=[r.get("command") for r in results],
+        rows=rows,
+    )
+    merged["adapter"] = adapters[0]["adapter"] if adapters else None
+    if adapters:
+        merged["adapters"] = adapters
+    if any("outputs" in r for r in results):
+        merged["outputs"] = [o for r in results for o in r.get("outputs", [])]
+    return merged
+
+
 def save_results(result: Mapping[str, Any], out_dir: str | os.PathLike, name: str, plot: bool = True) -> dict[str, Path]:
     """Write ``<out_dir>/<name>.json`` (and ``.png``) atomically; return the paths written."""
     out = Path(out_dir)

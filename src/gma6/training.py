@@ -250,6 +250,7 @@ def train(
     command: str | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     num_workers: int = 0,
+    time_limit: float | None = None,
 ) -> dict[str, Any]:
     """Train the memory (and LoRA when asked); checkpoints and logs go to ``out_dir``.
 
@@ -264,6 +265,8 @@ def train(
         command: the command line, recorded beside the adapter.
         on_log: called with every log record.
         num_workers: processes building batches ahead (0: in this process).
+        time_limit: seconds; after the step that crosses it, save a checkpoint and stop (resume
+            later). For time-boxed machines: the run ends cleanly instead of being killed.
 
     Returns:
         The last log record.
@@ -285,6 +288,9 @@ def train(
     ckpt = out / CHECKPOINT_DIR
     if resume and (ckpt / TRAINER_STATE).exists():
         step = load_checkpoint(ckpt, model, opt, sched, cfg)
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit={time_limit!r}: expected a positive number of seconds")
+    started = time.monotonic()
     last = min(cfg.total_steps, max_steps) if max_steps is not None else cfg.total_steps
     from tqdm.auto import tqdm
 
@@ -326,6 +332,9 @@ def train(
             t0, tokens = time.perf_counter(), 0
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last:
             save_checkpoint(ckpt, model, opt, sched, cfg, step)
+        if time_limit is not None and time.monotonic() - started > time_limit and step < last:
+            record = {**record, "stopped": "time_limit", "stopped_at_step": step}
+            break
     bar.close()
     model.eval()
     save_checkpoint(ckpt, model, opt, sched, cfg, step)

@@ -36,6 +36,7 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="Base dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this global step (resume later)."),
+    time_limit: Optional[float] = typer.Option(None, help="Seconds; then checkpoint and stop (resume later)."),
     resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when it exists."),
     log_every: int = typer.Option(10),
     checkpoint_every: int = typer.Option(100),
@@ -60,10 +61,15 @@ def train(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    if time_limit is not None and not time_limit > 0:
+        raise typer.BadParameter(f"--time-limit={time_limit}: expected a positive number of seconds")
     dev = pick_device(device)
     base, tok = load(model, dev, pick_dtype(dtype, dev))
     mm = attach_memory(base, mcfg)
     mm.print_trainable_parameters()
     last = run(mm, tok, tcfg, out, resume=resume, max_steps=max_steps, command=command_line(),
-              num_workers=workers if workers >= 0 else (4 if dev.type == "cuda" else 0))
+              num_workers=workers if workers >= 0 else (4 if dev.type == "cuda" else 0), time_limit=time_limit)
+    if "stopped" in last:
+        typer.echo(f"stopped by --time-limit at step {last['stopped_at_step']} of {tcfg.total_steps}; "
+                   f"run the same command again to resume from {out}/checkpoint")
     typer.echo(f"done: step {last.get('step')} loss {last.get('loss')} acc {last.get('acc')} -> {out}")
