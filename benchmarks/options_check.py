@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
     args = ap.parse_args()
     device = torch.device(args.device)
     tasks = args.tasks.split(",")
@@ -93,35 +94,51 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    if args.train_only:
+        run = lambda *a: None  # noqa: E731
     run("fp32", {"dtype": torch.float32, "device": device}, {})
     run("use_half_precision", {"dtype": torch.bfloat16, "device": device}, {"use_half_precision": True})
     run("use_4bit_quantization", {"dtype": torch.bfloat16, "load_in_4bit": True}, {"use_4bit_quantization": True})
     run("offload_to_cpu", {"dtype": torch.float32, "device": device}, {"offload_to_cpu": True})
     run("max_memory_usage", {"dtype": torch.float32, "device": device}, {"max_memory_usage": 8.0})
 
-    # Training step: peak memory with and without gradient checkpointing (same batch, bf16 base).
+    # Training step: peak memory with and without gradient checkpointing (same batch, bf16 base),
+    # then on a 4-bit base (memory trainable on top): loss before and after one AdamW step.
     from gma6.training import TrainConfig, _losses, make_batch
 
-    base, tok = gma6.load_base(args.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                               device=device, progress=False)
+    half = torch.bfloat16 if device.type == "cuda" else torch.float32
+    variants = [("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": False}),
+                ("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": True}),
+                ("train_step_4bit", {"dtype": torch.bfloat16, "load_in_4bit": True}, {"use_4bit_quantization": True})]
     cfg = TrainConfig(curriculum=[4], batch_size=8, segment_length=args.segment_length)
-    batch = make_batch(cfg, 0, tok, tok.bos_token_id, tok.pad_token_id or 0).to(device)
-    for ckpt in (False, True):
-        mm = gma6.load_adapter(base, args.adapter, gradient_checkpointing=ckpt)
-        mm.train()
-        _peak_reset(device)
-        t = time.perf_counter()
-        loss, _, _ = _losses(mm, batch, cfg.segment_length, tok.bos_token_id, None, 0)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        grads = [p.grad.detach().flatten() for p in mm.parameters() if p.requires_grad and p.grad is not None]
-        row = {"variant": "train_step", "gradient_checkpointing": ckpt, "seconds": round(time.perf_counter() - t, 3),
-               "peak_gib": _peak_gib(device), "loss": round(float(loss.detach()), 5),
-               "grad_norm": round(float(torch.cat(grads).norm()), 6)}
+    for name, load, overrides in variants:
+        row = {"variant": name, **overrides}
+        try:
+            base, tok = gma6.load_base(args.model, progress=False, **load)
+            batch = make_batch(cfg, 0, tok, tok.bos_token_id, tok.pad_token_id or 0).to(device)
+            mm = gma6.load_adapter(base, args.adapter, **overrides)
+            mm.train()
+            opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-3)
+            _peak_reset(device)
+            t = time.perf_counter()
+            loss, _, _ = _losses(mm, batch, cfg.segment_length, tok.bos_token_id, None, 0)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - t
+            grads = [p.grad.detach().flatten() for p in mm.parameters() if p.requires_grad and p.grad is not None]
+            opt.step()
+            with torch.no_grad():
+                after, _, _ = _losses(mm, batch, cfg.segment_length, tok.bos_token_id, None, 0)
+            row.update(seconds=round(seconds, 3), peak_gib=_peak_gib(device), loss=round(float(loss.detach()), 5),
+                       loss_after_one_step=round(float(after), 5), grad_norm=round(float(torch.cat(grads).norm()), 6),
+                       trainable=sum(p.numel() for p in mm.parameters() if p.requires_grad))
+            mm.detach()
+            del mm, base, opt
+        except (ImportError, RuntimeError, ValueError) as e:
+            row["skipped"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         print(json.dumps(row), flush=True)
-        mm.detach()
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "date": dt.date.today().isoformat(), "adapter": args.adapter, "length": args.length,
               "samples_per_task": args.samples, "segment_length": args.segment_length, "tasks": tasks,

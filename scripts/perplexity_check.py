@@ -1,7 +1,8 @@
 """Issue 4's "the memory must not hurt the base": perplexity of held-out text, bare vs memory.
 
-Usage: python scripts/perplexity_check.py HELD_OUT.txt UNRELATED.txt [--adapter DIR] [--tokens 2048]
-Writes results/perplexity-<device>.json.
+Usage: python scripts/perplexity_check.py HELD_OUT.txt UNRELATED.txt [--adapter DIR ...] [--tokens 2048]
+    [--out results/perplexity-cpu.json]
+A fresh (untrained) memory first, then each adapter (default: the shipped one).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from gma6.perplexity import segment_perplexity
 p = argparse.ArgumentParser()
 p.add_argument("held_out")
 p.add_argument("unrelated")
-p.add_argument("--adapter", default=str(default_adapter()))
+p.add_argument("--adapter", action="append", help="adapter folder (repeat for several)")
 p.add_argument("--tokens", type=int, default=2048)
 p.add_argument("--segment-length", type=int, default=256)
+p.add_argument("--out", default="results/perplexity-cpu.json")
 args = p.parse_args()
 torch.manual_seed(0)
 model, tok = gma6.load_base(progress=False)
@@ -38,7 +40,8 @@ def ids_of(path: str) -> torch.Tensor:
 
 held, other = ids_of(args.held_out), ids_of(args.unrelated)
 rows = []
-for name, adapter in (("fresh memory", None), ("shipped adapter", args.adapter)):
+adapters = args.adapter or [str(default_adapter())]
+for name, adapter in [("fresh memory", None)] + [(a, a) for a in adapters]:
     mm = gma6.attach_memory(model, gma6.GMA6Config()) if adapter is None else gma6.load_adapter(model, adapter)
     t = time.time()
     with mm.memory_disabled():
@@ -56,4 +59,4 @@ out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "date"
        "device": device, "machine": platform.processor() or platform.machine(), "dtype": "float32",
        "held_out": args.held_out, "unrelated": args.unrelated, "tokens": args.tokens,
        "segment_length": args.segment_length, "rows": rows}
-atomic_write_text(f"results/perplexity-{device}.json", json.dumps(out, indent=1) + "\n")
+atomic_write_text(args.out, json.dumps(out, indent=1) + "\n")

@@ -116,3 +116,14 @@ def test_parse_tokens_and_config_checks():
     with pytest.raises(ValueError, match="contexts"):
         BenchConfig(contexts=[])
     assert summarize([]) == {}
+
+
+def test_training_step_scored_at_a_few_positions(tmp_path):
+    config = BenchConfig(contexts=[32], batches=[1], segments=[16], systems=["memory"], warmup=0,
+                         train_context=32, train_segment=16, train_positions=4, memory=SMALL)
+    rows = [r for r in run_bench(tiny_gemma3(), config, command="pytest", log=None)["rows"]
+            if r["system"].startswith("train_")]
+    assert [r["system"] for r in rows] == ["train_memory", "train_full"]
+    assert all(r["status"] == "ok" and r["loss_positions"] == 4 and r["seconds"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="train_positions"):
+        BenchConfig(train_positions=0)

@@ -10,7 +10,8 @@ Systems, all in one process over the same random tokens:
 ``base_full``
     the bare base in one pass over the whole context (``logits_to_keep=1``);
 ``train_memory`` / ``train_full``
-    one training step over ``train_context`` tokens cut into segments, LM loss on every token:
+    one training step over ``train_context`` tokens cut into segments, next-token loss on every
+    token (or on ``train_positions`` a segment, as ``gma6 train`` scores):
     the memory's parameters only (backpropagated through the segments), against a full
     fine-tune of every base parameter (AdamW both). The full fine-tune trains the base it is
     given in place, so it runs last.
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import GMA6Config
@@ -73,6 +75,9 @@ class BenchConfig:
         train: also compare a memory-only training step with a full fine-tune step.
         train_context, train_segment, train_batch: that step's tokens per sample, segment, batch.
         train_steps: timed training steps.
+        train_positions: next-token loss at this many positions a segment (fixed, spread evenly),
+            as ``gma6 train --lm-positions`` scores them; None: every position (the 262k-wide
+            logits of every token then dominate both steps' time and memory).
         train_warmup: untimed training steps first (0: the first timed step also allocates AdamW's
             state, which its peak includes either way).
         paired: segments timed in pairs (bare base, then memory forward with the state carried,
@@ -97,6 +102,7 @@ class BenchConfig:
     train_batch: int = 1
     train_steps: int = 1
     train_warmup: int = 1
+    train_positions: int | None = None
     paired: int = 0
     seed: int = 0
     memory: GMA6Config = field(default_factory=GMA6Config)
@@ -113,6 +119,9 @@ class BenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
+        if self.train_positions is not None and (isinstance(self.train_positions, bool) or not isinstance(
+                self.train_positions, int) or self.train_positions <= 0):
+            raise ValueError(f"train_positions={self.train_positions!r}: expected a positive int or None")
         for name in ("warmup", "train_warmup", "paired"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -406,7 +415,8 @@ def _train_rows(
     out_rows = []
 
     def run(system: str, step: Callable[[], None], est: float | None) -> None:
-        row = _row(system, ctx, b, seg, est_peak_gib=_round(est))
+        row = _row(system, ctx, b, seg, est_peak_gib=_round(est),
+                   loss_positions="all" if config.train_positions is None else config.train_positions)
         out_rows.append(row)
         try:
             for _ in range(config.train_warmup):
@@ -432,11 +442,21 @@ def _train_rows(
 
     opt = torch.optim.AdamW(mm.memory_parameters(), lr=1e-4)
 
+    def loss_of(model: nn.Module, seg_ids: torch.Tensor, seg_mask: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
+        if config.train_positions is None:
+            out = model(input_ids=seg_ids, attention_mask=seg_mask, labels=seg_ids, **kw)
+            return out.loss, out
+        n = seg_ids.shape[1] - 1
+        pos = torch.linspace(0, n - 1, min(config.train_positions, n), device=seg_ids.device).round().long().unique()
+        out = model(input_ids=seg_ids, attention_mask=seg_mask, logits_to_keep=pos, **kw)
+        loss = F.cross_entropy(out.logits.float().flatten(0, 1), seg_ids[:, pos + 1].flatten())
+        return loss, out
+
     def memory_step() -> None:
         state, loss = mm.init_state(b), 0.0
         for seg_ids, seg_mask in segs:
-            out = mm(input_ids=seg_ids, attention_mask=seg_mask, labels=seg_ids, memory_state=state)
-            state, loss = out.memory_state, loss + out.loss
+            seg_loss, out = loss_of(mm, seg_ids, seg_mask, memory_state=state)
+            state, loss = out.memory_state, loss + seg_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -453,7 +473,7 @@ def _train_rows(
     def full_step() -> None:
         loss = 0.0
         for seg_ids, seg_mask in segs:
-            loss = loss + base(input_ids=seg_ids, attention_mask=seg_mask.long(), labels=seg_ids).loss
+            loss = loss + loss_of(base, seg_ids, seg_mask.long())[0]
         loss.backward()
         full_opt.step()
         full_opt.zero_grad(set_to_none=True)

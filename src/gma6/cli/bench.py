@@ -32,6 +32,8 @@ def bench(
     train_segment: int = typer.Option(512, help="Segment length of the training step."),
     train_batch: int = typer.Option(1, help="Batch of the training step."),
     train_warmup: int = typer.Option(1, help="Untimed training steps before the timed one."),
+    train_positions: Optional[int] = typer.Option(
+        None, help="Loss at this many positions a segment, as gma6 train scores (default: every token)."),
     paired: int = typer.Option(0, help="Also time this many segments in alternating base/memory pairs (a steadier ratio on a busy machine)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Seed of the random tokens."),
@@ -61,6 +63,7 @@ def bench(
             train_segment=train_segment,
             train_batch=train_batch,
             train_warmup=train_warmup,
+            train_positions=train_positions,
             paired=paired,
             seed=seed,
         )
