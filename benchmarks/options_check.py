@@ -104,7 +104,7 @@ def main() -> None:
 
     # Training step: peak memory with and without gradient checkpointing (same batch, bf16 base),
     # then on a 4-bit base (memory trainable on top): loss before and after one AdamW step.
-    from gma6.training import TrainConfig, _losses, make_batch
+    from gma6.training import TrainConfig, answer_loss, make_batch
 
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     variants = [("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": False}),
@@ -121,7 +121,7 @@ def main() -> None:
             opt = torch.optim.AdamW([p for p in mm.parameters() if p.requires_grad], lr=1e-3)
             _peak_reset(device)
             t = time.perf_counter()
-            loss, _, _ = _losses(mm, batch, cfg.segment_length, tok.bos_token_id, None, 0)
+            loss, _ = answer_loss(mm, batch, cfg.segment_length, tok.bos_token_id)
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -129,7 +129,7 @@ def main() -> None:
             grads = [p.grad.detach().flatten() for p in mm.parameters() if p.requires_grad and p.grad is not None]
             opt.step()
             with torch.no_grad():
-                after, _, _ = _losses(mm, batch, cfg.segment_length, tok.bos_token_id, None, 0)
+                after, _ = answer_loss(mm, batch, cfg.segment_length, tok.bos_token_id)
             row.update(seconds=round(seconds, 3), peak_gib=_peak_gib(device), loss=round(float(loss.detach()), 5),
                        loss_after_one_step=round(float(after), 5), grad_norm=round(float(torch.cat(grads).norm()), 6),
                        trainable=sum(p.numel() for p in mm.parameters() if p.requires_grad))

@@ -118,12 +118,19 @@ def test_parse_tokens_and_config_checks():
     assert summarize([]) == {}
 
 
-def test_training_step_scored_at_a_few_positions(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_step_scored_at_a_few_positions(tmp_path, checkpointing):
+    from gma6.integration import hook_count
+
+    base = tiny_gemma3()
     config = BenchConfig(contexts=[32], batches=[1], segments=[16], systems=["memory"], warmup=0,
-                         train_context=32, train_segment=16, train_positions=4, memory=SMALL)
-    rows = [r for r in run_bench(tiny_gemma3(), config, command="pytest", log=None)["rows"]
-            if r["system"].startswith("train_")]
+                         train_context=32, train_segment=16, train_positions=4, train_checkpointing=checkpointing,
+                         memory=SMALL)
+    rows = [r for r in run_bench(base, config, command="pytest", log=None)["rows"] if r["system"].startswith("train_")]
     assert [r["system"] for r in rows] == ["train_memory", "train_full"]
     assert all(r["status"] == "ok" and r["loss_positions"] == 4 and r["seconds"] > 0 for r in rows)
+    assert all(r["gradient_checkpointing"] is checkpointing for r in rows)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())  # switched off again
+    assert hook_count(base) == 0 and not base.training
     with pytest.raises(ValueError, match="train_positions"):
         BenchConfig(train_positions=0)

@@ -162,6 +162,19 @@ def test_detach_leaves_no_hook_and_restores_base(tiny_model):
         mm(input_ids=x)
 
 
+def test_detach_switches_off_the_checkpointing_the_memory_switched_on():
+    from gma6.options import set_gradient_checkpointing
+
+    base = tiny_gemma3()
+    on = lambda m: any(getattr(x, "gradient_checkpointing", False) for x in m.modules())  # noqa: E731
+    mm = attach_memory(base, GMA6Config(**SMALL, gradient_checkpointing=True))
+    assert on(base)
+    assert mm.detach() is base and not on(base) and hook_count(base) == 0
+    set_gradient_checkpointing(base, True)  # the user's own stays on
+    attach_memory(base, GMA6Config(**SMALL, gradient_checkpointing=True)).detach()
+    assert on(base)
+
+
 def test_generate_reads_memory_and_matches_forward(tiny_model):
     mm = attach_memory(tiny_model, GMA6Config(**SMALL))
     _perturb(mm)

@@ -140,3 +140,26 @@ def test_context_lm_loss_is_logged_and_resume_stays_exact(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="lm_weight"):
         small_cfg(lm_weight=-1)
+
+
+@pytest.mark.parametrize("kind", ["gated", "rmt"])
+def test_kl_to_the_bare_base_is_zero_for_a_fresh_memory_and_trains(tmp_path, kind):
+    from conftest import perturb
+    from gma6.training import _losses
+
+    base = tiny_gemma3(vocab=128)
+    mm = attach_memory(base, GMA6Config(memory_type=kind, num_slots=4, memory_dim=16, num_heads=2))
+    cfg = small_cfg(kl_weight=1.0, lm_positions=4, curriculum=[2], steps_per_stage=4)
+    batch = make_batch(cfg, 0, TOK, TOK.bos_token_id)
+    _, _, lm, kl = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+    assert lm is None or lm > 0
+    if kind == "gated":  # the gated memory starts as a no-op; RMT's memory tokens change attention at once
+        assert float(kl.detach()) == pytest.approx(0.0, abs=1e-6)
+        perturb(mm)
+        _, _, _, kl = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+    assert 1e-4 < float(kl.detach()) < 100
+    train(mm, TOK, cfg, tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["context_kl"] is not None and r["context_kl"] >= 0 for r in rows)
+    with pytest.raises(ValueError, match="kl_weight"):
+        small_cfg(kl_weight=-0.1)

@@ -52,7 +52,7 @@ from torch import nn
 
 from .config import GMA6Config
 from .model import MemoryModel, attach_memory, split_segments
-from .options import GiB, estimate_peak_bytes
+from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
 
 SYSTEMS = ("base_segments", "memory", "base_full")
 TRAIN_SYSTEMS = ("train_memory", "train_full")
@@ -78,6 +78,8 @@ class BenchConfig:
         train_positions: next-token loss at this many positions a segment (fixed, spread evenly),
             as ``gma6 train --lm-positions`` scores them; None: every position (the 262k-wide
             logits of every token then dominate both steps' time and memory).
+        train_checkpointing: both training steps recompute the base's activations in backward
+            (gradient checkpointing), the memory-only one as ``gradient_checkpointing=True`` does.
         train_warmup: untimed training steps first (0: the first timed step also allocates AdamW's
             state, which its peak includes either way).
         paired: segments timed in pairs (bare base, then memory forward with the state carried,
@@ -103,6 +105,7 @@ class BenchConfig:
     train_steps: int = 1
     train_warmup: int = 1
     train_positions: int | None = None
+    train_checkpointing: bool = False
     paired: int = 0
     seed: int = 0
     memory: GMA6Config = field(default_factory=GMA6Config)
@@ -416,7 +419,8 @@ def _train_rows(
 
     def run(system: str, step: Callable[[], None], est: float | None) -> None:
         row = _row(system, ctx, b, seg, est_peak_gib=_round(est),
-                   loss_positions="all" if config.train_positions is None else config.train_positions)
+                   loss_positions="all" if config.train_positions is None else config.train_positions,
+                   gradient_checkpointing=config.train_checkpointing)
         out_rows.append(row)
         try:
             for _ in range(config.train_warmup):
@@ -441,6 +445,9 @@ def _train_rows(
         say(f"{system:14s} ctx {ctx:6d} batch {b} seg {seg:5d}: {best:8.2f} s/step  peak {row['peak_mem_gib']} GiB")
 
     opt = torch.optim.AdamW(mm.memory_parameters(), lr=1e-4)
+    if config.train_checkpointing:
+        set_gradient_checkpointing(mm.base, True)
+        mm.train()  # checkpointing acts in training mode only
 
     def loss_of(model: nn.Module, seg_ids: torch.Tensor, seg_mask: torch.Tensor, **kw: Any) -> tuple[torch.Tensor, Any]:
         if config.train_positions is None:
@@ -466,8 +473,13 @@ def _train_rows(
     del opt
     _free(device)
 
+    if config.train_checkpointing:
+        set_gradient_checkpointing(mm.base, False)
     base = mm.detach()
     base.requires_grad_(True)
+    if config.train_checkpointing:
+        set_gradient_checkpointing(base, True)
+        base.train()
     full_opt = torch.optim.AdamW(base.parameters(), lr=1e-5)
 
     def full_step() -> None:
@@ -481,6 +493,9 @@ def _train_rows(
     run("train_full", full_step, None)
     del full_opt
     base.requires_grad_(False)
+    if config.train_checkpointing:
+        set_gradient_checkpointing(base, False)
+        base.eval()
     _free(device)
     return out_rows
 

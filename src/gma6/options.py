@@ -87,12 +87,21 @@ def apply_system_options(base: nn.Module, config: GMA6Config) -> None:
         if any(p.is_floating_point() and p.dtype != dtype for p in base.parameters()):
             base.to(dtype)
     if config.gradient_checkpointing:
+        set_gradient_checkpointing(base, True)
+
+
+def set_gradient_checkpointing(base: nn.Module, on: bool) -> None:
+    """Switch the base's activation (gradient) checkpointing on or off, whichever name it uses."""
+    prefix = "activation" if hasattr(base, "activation_checkpointing_enable") else "gradient"
+    if not hasattr(base, f"{prefix}_checkpointing_enable"):
+        raise TypeError(f"{type(base).__name__} does not support gradient checkpointing")
+    if on:
         # Non-reentrant: the frozen base's inputs need no grad for the memory's grads to flow.
-        kwargs = {"use_reentrant": False}
-        if getattr(enable, "__name__", "") == "activation_checkpointing_enable":
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            enable(gradient_checkpointing_kwargs=kwargs)
+        getattr(base, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        getattr(base, f"{prefix}_checkpointing_disable")()
+        if getattr(base, "_require_grads_hook", None) is not None:
+            base.disable_input_require_grads()  # transformers' enable added this hook; its disable leaves it
 
 
 def half_dtype(device: torch.device | str | None = None) -> torch.dtype:

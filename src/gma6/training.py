@@ -53,6 +53,9 @@ class TrainConfig:
         lora_rank: co-train LoRA adapters of this rank on the base (0: memory only; needs peft).
         lm_weight: weight of the next-token loss on the context (at ``lm_positions`` random
             positions a segment), which keeps the memory from hurting the base on ordinary text.
+        kl_weight: weight of KL(bare base || memory model) over the next token at the same positions:
+            zero for an untrained memory, so it asks only that the memory change nothing it need not
+            (an extra forward of the bare base per context segment, without gradients).
     """
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -73,6 +76,7 @@ class TrainConfig:
     lora_rank: int = 0
     lm_weight: float = 0.0
     lm_positions: int = 16
+    kl_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
@@ -96,8 +100,10 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
-        if not (isinstance(self.lm_weight, (int, float)) and self.lm_weight >= 0):
-            raise ValueError(f"lm_weight={self.lm_weight!r}: expected a number >= 0")
+        for name in ("lm_weight", "kl_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0):
+                raise ValueError(f"{name}={v!r}: expected a number >= 0")
         if isinstance(self.lm_positions, bool) or not isinstance(self.lm_positions, int) or self.lm_positions <= 0:
             raise ValueError(f"lm_positions={self.lm_positions!r}: expected a positive int")
         if self.grad_clip < 0:
@@ -154,16 +160,19 @@ def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_i
     With ``lm_positions > 0`` the loss also holds the next-token loss of the context at that many
     random positions a segment (see ``context_lm_loss``), averaged with the answer loss by the caller.
     """
-    loss, acc, _ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions)
+    loss, acc, _, _ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions)
     return loss, acc
 
 
 def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
-            bptt_segments: int | None, lm_positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            bptt_segments: int | None, lm_positions: int, kl: bool = False,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Answer loss and accuracy; the context's next-token loss and KL to the bare base at
+    ``lm_positions`` random positions a segment (None when not asked for)."""
     b = batch.context.shape[0]
     state = model.init_state(b)
     segments = split_segments(batch.context, batch.context_mask, segment_length, bos_token_id)
-    lm_terms = []
+    lm_terms, kl_terms = [], []
     for k, (ids, mask) in enumerate(segments):
         if bptt_segments is not None and len(segments) - k > bptt_segments:
             state = state.detach()
@@ -176,6 +185,12 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
             total = F.cross_entropy(out.logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
                                     reduction="sum")
             lm_terms.append(total / valid.sum().clamp(min=1))
+            if kl:
+                with torch.no_grad(), model.memory_disabled():
+                    bare = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits.float()
+                logp = F.log_softmax(out.logits.float(), -1)
+                per_pos = F.kl_div(logp, F.log_softmax(bare, -1), log_target=True, reduction="none").sum(-1)
+                kl_terms.append((per_pos * valid).sum() / valid.sum().clamp(min=1))
         else:
             out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1)
         state = out.memory_state
@@ -189,7 +204,8 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     loss = F.cross_entropy(logits[mask], targets[mask])
     correct = (logits.argmax(-1) == targets) | ~mask
     lm = torch.stack(lm_terms).mean() if lm_terms else None
-    return loss, correct.all(1).float().mean(), lm
+    kl_loss = torch.stack(kl_terms).mean() if kl_terms else None
+    return loss, correct.all(1).float().mean(), lm, kl_loss
 
 
 @torch.no_grad()
@@ -307,9 +323,13 @@ def train(
     )
     for batch in batches:
         batch = batch.to(model.device)
-        loss, acc, lm = _losses(model, batch, cfg.segment_length, bos, cfg.bptt_segments,
-                                cfg.lm_positions if cfg.lm_weight else 0)
-        total = loss + cfg.lm_weight * lm if lm is not None else loss
+        loss, acc, lm, kl = _losses(model, batch, cfg.segment_length, bos, cfg.bptt_segments,
+                                    cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0)
+        total = loss
+        if lm is not None and cfg.lm_weight:
+            total = total + cfg.lm_weight * lm
+        if kl is not None:
+            total = total + cfg.kl_weight * kl
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
@@ -322,7 +342,8 @@ def train(
             dt = time.perf_counter() - t0
             record = {"step": step, "stage": cfg.stage(step - 1), "segments": cfg.curriculum[cfg.stage(step - 1)],
                       "loss": round(float(loss.detach()), 5), "acc": round(float(acc), 4),
-                      "context_lm_loss": round(float(lm.detach()), 5) if lm is not None else None, "lr": sched.get_last_lr()[0],
+                      "context_lm_loss": round(float(lm.detach()), 5) if lm is not None else None,
+                      "context_kl": round(float(kl.detach()), 6) if kl is not None else None, "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -372,7 +393,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     saved = json.loads(state["train_config"])
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
-             "lm_weight", "lm_positions")
+             "lm_weight", "lm_positions", "kl_weight")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:

@@ -21,7 +21,7 @@ from . import __version__
 from .config import GMA6Config
 from .integration import check_decoder_only, text_config
 from .io import atomic_write
-from .options import apply_system_options
+from .options import apply_system_options, set_gradient_checkpointing
 from .state import MemoryState
 
 WEIGHTS_NAME = "memory_adapter.safetensors"
@@ -35,6 +35,10 @@ class MemoryOutput:
     loss: torch.Tensor | None
     memory_state: MemoryState
     stats: list[dict[str, torch.Tensor]] | None = None
+
+
+def _checkpointing_on(base: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
 class MemoryWrapper(nn.Module):
@@ -52,6 +56,8 @@ class MemoryWrapper(nn.Module):
         self.config = config.resolve(tc.hidden_size, tc.num_hidden_layers, str(getattr(tc, "model_type", "unknown")))
         self.base = base
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
+        # Checkpointing the memory switched on is switched off again by detach(); the user's own stays.
+        self._own_checkpointing = self.config.gradient_checkpointing and not _checkpointing_on(base)
         base.requires_grad_(False)
         apply_system_options(base, self.config)
         self._disabled = False
@@ -94,10 +100,14 @@ class MemoryWrapper(nn.Module):
         """Subclasses that hook the base remove their hooks here."""
 
     def detach(self) -> nn.Module:
-        """Remove every hook, restore the base's ``requires_grad`` flags and return the base."""
+        """Remove every hook, restore the base's ``requires_grad`` flags (and switch off the gradient
+        checkpointing the memory switched on) and return the base."""
         self._remove_hooks()
         for name, p in self.base.named_parameters():
             p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
+        if self._own_checkpointing:
+            set_gradient_checkpointing(self.base, False)
+            self._own_checkpointing = False
         self._detached = True
         return self.base
 

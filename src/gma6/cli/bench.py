@@ -32,6 +32,8 @@ def bench(
     train_segment: int = typer.Option(512, help="Segment length of the training step."),
     train_batch: int = typer.Option(1, help="Batch of the training step."),
     train_warmup: int = typer.Option(1, help="Untimed training steps before the timed one."),
+    train_checkpointing: bool = typer.Option(
+        False, help="Gradient checkpointing in both training steps (memory-only and full fine-tune)."),
     train_positions: Optional[int] = typer.Option(
         None, help="Loss at this many positions a segment, as gma6 train scores (default: every token)."),
     paired: int = typer.Option(0, help="Also time this many segments in alternating base/memory pairs (a steadier ratio on a busy machine)."),
@@ -64,6 +66,7 @@ def bench(
             train_batch=train_batch,
             train_warmup=train_warmup,
             train_positions=train_positions,
+            train_checkpointing=train_checkpointing,
             paired=paired,
             seed=seed,
         )
