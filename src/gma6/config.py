@@ -40,6 +40,10 @@ class GMA6Config:
         use_half_precision: run the base in bf16 (fp16 where bf16 is unsupported); gates stay fp32.
         use_4bit_quantization: load the frozen base in 4 bits (bitsandbytes).
         gradient_checkpointing: recompute the base's activations in backward.
+        lora_rank: rank of the LoRA co-trained on the base's attention (0: none); set by
+            ``add_lora``, saved with the adapter.
+        lora_alpha: LoRA scaling numerator (None: ``2 * lora_rank``).
+        lora_targets: the base's module names that get LoRA.
         hidden_size, num_hidden_layers, model_type: filled from the base; checked on load.
     """
 
@@ -61,6 +65,9 @@ class GMA6Config:
     use_half_precision: bool = False
     use_4bit_quantization: bool = False
     gradient_checkpointing: bool = False
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     model_type: str | None = None
@@ -101,6 +108,15 @@ class GMA6Config:
             or self.max_memory_usage <= 0
         ):
             raise ValueError(f"max_memory_usage={self.max_memory_usage!r}: expected a positive number of GiB")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r}: expected a non-negative int")
+        if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
+                                            or not self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha={self.lora_alpha!r}: expected a positive number or None")
+        if not isinstance(self.lora_targets, (list, tuple)) or not self.lora_targets or not all(
+                isinstance(t, str) and t for t in self.lora_targets):
+            raise ValueError(f"lora_targets={self.lora_targets!r}: expected a non-empty list of module names")
+        self.lora_targets = list(self.lora_targets)
         for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")

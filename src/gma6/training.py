@@ -242,19 +242,6 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def add_lora(model: nn.Module, rank: int) -> None:
-    """Co-train LoRA adapters (rank ``rank``) on the base's attention projections, through PEFT."""
-    try:
-        from peft import LoraConfig, inject_adapter_in_model
-    except ImportError as e:
-        raise ImportError("lora_rank > 0 needs peft: pip install 'gma6[lora]'") from e
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    inject_adapter_in_model(config, model.base)
-    for name, p in model.base.named_parameters():
-        if "lora_" in name:
-            p.requires_grad_(True)
-
-
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -291,8 +278,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
-    if cfg.lora_rank:
-        add_lora(model, cfg.lora_rank)
+    if cfg.lora_rank and not getattr(model.config, "lora_rank", 0):
+        model.add_lora(cfg.lora_rank)  # saved with the adapter (lora_adapter.safetensors)
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")

@@ -10,6 +10,8 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,10 +60,13 @@ class MemoryWrapper(nn.Module):
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
         # Checkpointing the memory switched on is switched off again by detach(); the user's own stays.
         self._own_checkpointing = self.config.gradient_checkpointing and not _checkpointing_on(base)
+        self._own_lora = False
         base.requires_grad_(False)
         apply_system_options(base, self.config)
         self._disabled = False
         self._detached = False
+        if self.config.lora_rank:  # checked before anything is injected: a failure leaves the base as it was
+            self.add_lora(self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
 
     def _base_device(self) -> torch.device:
         return next(self.base.parameters()).device
@@ -103,6 +108,11 @@ class MemoryWrapper(nn.Module):
         """Remove every hook, restore the base's ``requires_grad`` flags (and switch off the gradient
         checkpointing the memory switched on) and return the base."""
         self._remove_hooks()
+        if self._own_lora:
+            from .lora import remove_lora
+
+            remove_lora(self.base)
+            self._own_lora = False
         for name, p in self.base.named_parameters():
             p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
         if self._own_checkpointing:
@@ -110,6 +120,19 @@ class MemoryWrapper(nn.Module):
             self._own_checkpointing = False
         self._detached = True
         return self.base
+
+    def add_lora(self, rank: int, alpha: float | None = None, targets: Sequence[str] | None = None) -> list[nn.Parameter]:
+        """Co-train LoRA of rank ``rank`` on the base (PEFT); saved and loaded with the adapter,
+        removed by ``detach()``. Returns the new trainable parameters."""
+        from .lora import inject_lora
+
+        self._check_attached()
+        targets = list(targets) if targets is not None else list(self.config.lora_targets)
+        params = inject_lora(self.base, rank, alpha, targets)
+        self._own_lora = True
+        self.config = dataclasses.replace(self.config, lora_rank=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
+                                          lora_targets=targets)
+        return params
 
     def _check_attached(self) -> None:
         if self._detached:
@@ -138,6 +161,11 @@ class MemoryWrapper(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.controller.state_dict().items()}
         meta = {"gma6_version": __version__, "base": str(getattr(self.base.config, "_name_or_path", ""))}
+        if self.config.lora_rank:
+            from .lora import LORA_WEIGHTS_NAME, lora_state_dict
+
+            lora = {k: v.contiguous().cpu() for k, v in lora_state_dict(self.base).items()}
+            atomic_write(directory / LORA_WEIGHTS_NAME, lambda tmp: save_file(lora, tmp, metadata={"gma6": json.dumps(meta)}))
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"gma6": json.dumps(meta)}))
         self.config.save(directory)
         return directory
@@ -173,4 +201,15 @@ class MemoryWrapper(nn.Module):
             model.detach()
             raise ValueError(f"{weights} does not match its config: {problems[:5]}")
         model.controller.load_state_dict(tensors)
+        if config.lora_rank:
+            from .lora import LORA_WEIGHTS_NAME, load_lora_state_dict
+
+            lora_file = directory / LORA_WEIGHTS_NAME
+            try:
+                if not lora_file.exists():
+                    raise FileNotFoundError(f"{lora_file}: missing (the config says lora_rank={config.lora_rank})")
+                load_lora_state_dict(model.base, load_file(str(lora_file), device=str(model.device)), str(lora_file))
+            except BaseException:
+                model.detach()
+                raise
         return model
