@@ -68,7 +68,8 @@ class BenchConfig:
         segments: segment lengths (of ``base_segments`` and ``memory``).
         systems: which of ``SYSTEMS`` to run.
         repeats: passes per measurement; the fastest is kept.
-        warmup: untimed passes of one segment per system before timing.
+        warmup: untimed passes of one segment per system at each batch and segment shape, before
+            timing that shape.
         batch_max_context: batches above 1 only for contexts up to this (None: all).
         full_max_context: ``base_full`` only up to this context (None: all).
         max_seconds: skip a pass predicted (from the previous context) to take longer than this.
@@ -314,18 +315,19 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     method: str | None = None
 
-    for w in range(config.warmup):
-        warm_ids = _tokens(vocab, 1, min(config.segments), config.seed + 1, device)
-        for system in config.systems:
-            _runner(system, mm, warm_ids, min(config.segments))()
-    _sync(device)
-
     contexts = sorted(set(config.contexts))
     last: dict[tuple, tuple[int, float]] = {}  # (system, batch, segment) -> (context, seconds)
     failed: dict[tuple, str] = {}
     for batch in sorted(set(config.batches)):
         for si, segment in enumerate(sorted(set(config.segments))):
             systems = [s for s in config.systems if s != "base_full" or si == 0]
+            # Untimed passes of one segment at this batch and segment shape: the first call at a new
+            # shape pays for allocator growth and kernel selection, which is not reading speed.
+            warm_ids = _tokens(vocab, batch, segment, config.seed + 1, device)
+            for _ in range(config.warmup):
+                for system in systems:
+                    _runner(system, mm, warm_ids, None if system == "base_full" else segment)()
+            _sync(device)
             for context in contexts:
                 if batch > 1 and config.batch_max_context is not None and context > config.batch_max_context:
                     continue

@@ -23,7 +23,7 @@ def bench(
     device: Optional[str] = typer.Option(None, help="cuda if available, else cpu."),
     dtype: str = typer.Option("float32", help="The base's dtype: float32, bfloat16, float16."),
     repeats: int = typer.Option(1, help="Passes per measurement; the fastest counts."),
-    warmup: int = typer.Option(1, help="Untimed one-segment passes per system first."),
+    warmup: int = typer.Option(1, help="Untimed one-segment passes per system at each batch and segment shape."),
     batch_max_context: Optional[str] = typer.Option(None, help="Batches above 1 only up to this context."),
     full_max_context: Optional[str] = typer.Option(None, help="base_full only up to this context."),
     max_seconds: Optional[float] = typer.Option(None, help="Skip a pass predicted to take longer than this."),
