@@ -377,6 +377,7 @@ def evaluate(
         "model": str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
         "adapter": next((m.source for m in run_mems), None),
         "device": str(p.device),
+        "device_name": torch.cuda.get_device_name(p.device) if p.device.type == "cuda" else platform.processor() or platform.machine(),
         "dtype": str(p.dtype).replace("torch.", ""),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "segment_length": segment_length,
