@@ -123,3 +123,13 @@ def test_simple_evaluate_runs_local_tasks(tmp_path, monkeypatch):
     assert res["gma6_rolling"]["word_perplexity,none"] > 1
     assert 0 <= res["gma6_choice"]["acc,none"] <= 1
     assert 0 <= res["gma6_generate"]["exact_match,none"] <= 1
+
+
+def test_the_rmt_peer_answers_every_request_type():
+    torch.manual_seed(0)
+    lm = GMA6LM(attach_memory(tiny_gemma3(vocab=128), GMA6Config(memory_type="rmt", num_slots=4)), TOK, segment_length=12)
+    rolling = lm.loglikelihood_rolling([req("loglikelihood_rolling", TEXT)])[0]
+    (logp, greedy), = lm.loglikelihood([req("loglikelihood", TEXT + " Where is Mary ?", " kitchen")])
+    text = lm.generate_until([req("generate_until", TEXT, {"max_gen_toks": 3})])[0]
+    assert math.isfinite(rolling) and rolling < 0 and math.isfinite(logp) and logp < 0 and isinstance(greedy, bool)
+    assert len(text.split()) == 3
