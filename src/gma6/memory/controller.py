@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import GMA6Config
@@ -82,6 +83,8 @@ class MemoryController(nn.Module):
             mask: (B, T) bool, True at real tokens.
             return_stats: also return per-layer instrumentation.
         """
+        if not return_stats:
+            return self._write_batched(state, hiddens, mask), [{} for _ in self.layers]
         cfg = self.config
         new_mem, new_usage, new_age, stats = [], [], [], []
         has_tokens = mask.any(dim=1)[:, None]
@@ -110,3 +113,57 @@ class MemoryController(nn.Module):
             segments_read=state.segments_read + 1,
         )
         return new_state, stats
+
+    def _write_batched(self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor) -> MemoryState:
+        """``write`` for every layer at once: the same maths as ``EnhancedMemoryLayer.write`` with the
+        layers' weights stacked, so a segment's write launches a few dozen kernels instead of a few
+        dozen per layer (where small batches are launch-bound, that is most of the write's cost)."""
+        cfg = self.config
+        layers = self.layers
+
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(layer) for layer in layers])  # (L, ...)
+
+        eps = layers[0].norm_m.eps
+        mem = state.memory.transpose(0, 1)  # (L, B, S, D)
+        h = torch.stack(hiddens)  # (L, B, T, H)
+        n_layers, b, s, d = mem.shape
+        heads = layers[0].heads
+        has_tokens = mask.any(dim=1)  # (B,)
+        safe_mask = mask | ~has_tokens[:, None]
+        mn = F.rms_norm(mem, (d,), eps=eps) * stack(lambda m: m.norm_m.weight)[:, None, None]
+        hn = F.rms_norm(h, (h.shape[-1],), eps=layers[0].norm_h.eps) * stack(lambda m: m.norm_h.weight)[:, None, None]
+        q = mn @ stack(lambda m: m.q.weight).transpose(-1, -2)[:, None]
+        k, v = (hn @ stack(lambda m: m.kv.weight).transpose(-1, -2)[:, None]).chunk(2, dim=-1)
+
+        def heads_of(x: torch.Tensor) -> torch.Tensor:  # (L, B, N, D) -> (L*B, n, N, d): 4-D for the fused kernels
+            return x.flatten(0, 1).unflatten(-1, (heads, d // heads)).transpose(1, 2)
+
+        attn_mask = safe_mask[None, :, None, None, :].expand(n_layers, -1, -1, -1, -1).flatten(0, 1)
+        read = F.scaled_dot_product_attention(heads_of(q), heads_of(k), heads_of(v), attn_mask=attn_mask)
+        read = read.transpose(1, 2).flatten(-2).unflatten(0, (n_layers, b))  # (L, B, S, D)
+        content = read @ stack(lambda m: m.candidate.weight).transpose(-1, -2)[:, None] + stack(
+            lambda m: m.candidate.bias)[:, None, None]
+        z = torch.cat([mn, content], dim=-1)
+        gates = z @ torch.cat([stack(lambda m: m.input_gate.weight), stack(lambda m: m.forget_gate.weight)], 1
+                              ).transpose(-1, -2)[:, None]
+        gates = gates + torch.cat([stack(lambda m: m.input_gate.bias), stack(lambda m: m.forget_gate.bias)], 1)[:, None, None]
+        in_logits, f_logits = gates.chunk(2, dim=-1)
+        usage = state.usage.transpose(0, 1)  # (L, B, S)
+        if cfg.addressing == "content+usage":
+            in_logits = in_logits - (cfg.usage_weight * (usage - usage.mean(-1, keepdim=True)))[..., None]
+        g_in = torch.sigmoid(in_logits)
+        new = g_in * torch.tanh(content) + torch.sigmoid(f_logits) * mem
+        keep = has_tokens[None, :, None]  # (1, B, 1)
+        new = torch.where(keep[..., None], new, mem)
+        g_in_slot = torch.where(keep, g_in.mean(-1), torch.zeros_like(usage))
+        u = torch.where(keep, cfg.usage_decay * usage + g_in_slot, usage)
+        age = state.age.transpose(0, 1)
+        a = torch.where(keep, torch.where(g_in_slot.detach() > cfg.write_threshold, torch.zeros_like(age), age + 1), age)
+        return MemoryState(
+            memory=new.transpose(0, 1).contiguous(),
+            usage=u.transpose(0, 1).contiguous(),
+            age=a.transpose(0, 1).contiguous(),
+            tokens_read=state.tokens_read + mask.sum(1),
+            segments_read=state.segments_read + 1,
+        )
