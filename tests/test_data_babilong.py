@@ -206,6 +206,23 @@ def test_answers_true_by_construction(task):
     assert len(forms) == {"qa1": 1, "qa2": 1, "qa3": 1, "qa4": 2, "qa5": 5}[task], forms
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_other_questions_are_answered_right_and_change_nothing_else(task):
+    asked = 0
+    for seed in range(200):
+        s = generate_sample(task, 0, seed)
+        questions = [q for q, _ in s.other_questions]
+        assert s.question not in questions and len(set(questions)) == len(questions)
+        for q, t in s.other_questions:
+            assert t == expected_answer(task, s.facts, q), (s.facts, q)
+        asked += len(questions)
+    assert asked > 100  # most stories answer more than one question
+    # Only questions of the sample's own split: a test item is never a train sample's extra question.
+    for split in ("train", "test"):
+        for s in generate_samples(task, 0, 100, split, num_facts={"qa1": 1, "qa2": 2, "qa3": 3, "qa4": 1, "qa5": 4}[task]):
+            assert all(story_split(task, s.facts, q, t) == split for q, t in s.other_questions)
+
+
 @pytest.mark.parametrize(
     "task,num_facts", [("qa1", 1), ("qa2", 2), ("qa3", 3), ("qa4", 1), ("qa4", 7), ("qa5", 4), ("qa5", 40)]
 )

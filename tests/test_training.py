@@ -163,3 +163,28 @@ def test_kl_to_the_bare_base_is_zero_for_a_fresh_memory_and_trains(tmp_path, kin
     assert all(r["context_kl"] is not None and r["context_kl"] >= 0 for r in rows)
     with pytest.raises(ValueError, match="kl_weight"):
         small_cfg(kl_weight=-0.1)
+
+
+def test_several_questions_per_context_share_one_read(tmp_path):
+    from gma6.training import _losses
+
+    cfg = small_cfg(questions_per_context=3, curriculum=[2], steps_per_stage=4)
+    batch = make_batch(cfg, 0, TOK, TOK.bos_token_id)
+    assert batch.context.shape[0] == cfg.batch_size
+    src = batch.question_source.tolist()
+    assert len(src) > cfg.batch_size and src == sorted(src) and set(src) == set(range(cfg.batch_size))
+    assert all(src.count(j) <= 3 for j in set(src))
+    assert torch.equal(make_batch(cfg, 0, TOK, TOK.bos_token_id).question, batch.question)  # pure in the step
+    one = make_batch(small_cfg(curriculum=[2], steps_per_stage=4), 0, TOK, TOK.bos_token_id)
+    assert torch.equal(one.context, batch.context)  # the same contexts as with one question each
+    mm = fresh()
+    loss, acc, _, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 0)
+    assert loss.isfinite() and 0 <= float(acc) <= 1
+    train(mm, TOK, cfg, tmp_path / "whole", progress=False)
+    train(fresh(), TOK, cfg, tmp_path / "part", progress=False, max_steps=2)
+    resumed = fresh()
+    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
+    for (n, a), b in zip(mm.controller.named_parameters(), resumed.controller.parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="questions_per_context"):
+        small_cfg(questions_per_context=0)

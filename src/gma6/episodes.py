@@ -32,8 +32,10 @@ class Batch:
 
     Attributes:
         context: (B, N) context ids, right-padded; ``context_mask`` marks real tokens.
-        question: (B, Q) ``BOS + question + answer``, left-padded; ``question_mask`` marks real tokens.
-        answer_mask: (B, Q) True where the token is part of the answer (what the loss is on).
+        question: (B', Q) ``BOS + question + answer``, left-padded; ``question_mask`` marks real tokens.
+        answer_mask: (B', Q) True where the token is part of the answer (what the loss is on).
+        question_source: (B',) the context row each question asks about; None: question i asks
+            about context i (B' = B). Several questions can share one read of a context.
     """
 
     context: torch.Tensor
@@ -41,9 +43,11 @@ class Batch:
     question: torch.Tensor
     question_mask: torch.Tensor
     answer_mask: torch.Tensor
+    question_source: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.context, self.context_mask, self.question, self.question_mask, self.answer_mask)))
+        return Batch(*(t.to(device) if t is not None else None for t in (
+            self.context, self.context_mask, self.question, self.question_mask, self.answer_mask, self.question_source)))
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -60,6 +64,26 @@ def encode_episode(sample: Sample, tokenizer: Any) -> Episode:
         # The full stop teaches a trained memory to end its answer (BABILong's scorer cuts there).
         answer=encode(tokenizer, " " + sample.target + "."),
     )
+
+
+def encode_question(sample: Sample, tokenizer: Any, question: str, target: str) -> Episode:
+    """Another question (and answer) about ``sample``'s context; the context itself is not encoded."""
+    from dataclasses import replace
+
+    other = replace(sample, question=question, target=target)
+    return Episode(context=[], question=encode(tokenizer, prompt_parts(other).suffix),
+                   answer=encode(tokenizer, " " + target + "."))
+
+
+def collate_questions(contexts: list[Episode], questions: list[Episode], source: list[int],
+                      bos_token_id: int | None, pad_token_id: int = 0) -> Batch:
+    """Pad contexts and questions separately; question ``i`` asks about context ``source[i]``."""
+    if len(questions) != len(source) or not contexts or any(not 0 <= j < len(contexts) for j in source):
+        raise ValueError("collate_questions: every question needs the index of one of the contexts")
+    ctx = collate(contexts, bos_token_id, pad_token_id)
+    qs = collate([Episode(context=[], question=q.question, answer=q.answer) for q in questions], bos_token_id, pad_token_id)
+    return Batch(ctx.context, ctx.context_mask, qs.question, qs.question_mask, qs.answer_mask,
+                 torch.tensor(source, dtype=torch.long))
 
 
 def collate(episodes: list[Episode], bos_token_id: int | None, pad_token_id: int = 0, with_answer: bool = True) -> Batch:

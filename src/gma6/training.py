@@ -25,7 +25,7 @@ from torch import nn
 
 from .data.generator import derive_seed, generate_sample
 from .data.vocab import TASKS, check_task
-from .episodes import Batch, collate, encode_episode
+from .episodes import Batch, collate, collate_questions, encode_episode, encode_question
 from .io import atomic_write, atomic_write_text
 from .model import split_segments
 
@@ -53,6 +53,9 @@ class TrainConfig:
         lora_rank: co-train LoRA adapters of this rank on the base (0: memory only; needs peft).
         lm_weight: weight of the next-token loss on the context (at ``lm_positions`` random
             positions a segment), which keeps the memory from hurting the base on ordinary text.
+        questions_per_context: ask up to this many questions about each context read (the
+            sample's own plus others its facts answer, same split): more answer tokens a step for
+            one read of the context.
         kl_weight: weight of KL(bare base || memory model) over the next token at the same positions:
             zero for an untrained memory, so it asks only that the memory change nothing it need not
             (an extra forward of the bare base per context segment, without gradients).
@@ -77,12 +80,13 @@ class TrainConfig:
     lm_weight: float = 0.0
     lm_positions: int = 16
     kl_weight: float = 0.0
+    questions_per_context: int = 1
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
         if not self.tasks:
             raise ValueError("tasks is empty: name at least one of " + ", ".join(TASKS))
-        for name in ("segment_length", "steps_per_stage", "batch_size", "log_every"):
+        for name in ("segment_length", "steps_per_stage", "batch_size", "log_every", "questions_per_context"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
@@ -126,13 +130,24 @@ def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | 
     """The training batch of global step ``step`` (a pure function of the step)."""
     segments = cfg.curriculum[cfg.stage(step)]
     length = cfg.context_tokens(segments)
-    episodes = []
+    episodes, questions, source = [], [], []
     for j in range(cfg.batch_size):
         i = step * cfg.batch_size + j
         task = cfg.tasks[i % len(cfg.tasks)]
-        sample = generate_sample(task, length, derive_seed("train", task, i, cfg.seed), tokenizer,
-                                 num_facts=cfg.num_facts, split="train")
-        episodes.append(encode_episode(sample, tokenizer))
+        seed = derive_seed("train", task, i, cfg.seed)
+        sample = generate_sample(task, length, seed, tokenizer, num_facts=cfg.num_facts, split="train")
+        episode = encode_episode(sample, tokenizer)
+        episodes.append(episode)
+        if cfg.questions_per_context > 1:
+            questions.append(episode)
+            source.append(j)
+            others = list(sample.other_questions)
+            random.Random(seed).shuffle(others)  # which extra questions: a pure function of the sample
+            for q, t in others[: cfg.questions_per_context - 1]:
+                questions.append(encode_question(sample, tokenizer, q, t))
+                source.append(j)
+    if cfg.questions_per_context > 1:
+        return collate_questions(episodes, questions, source, bos_token_id, pad_token_id)
     return collate(episodes, bos_token_id, pad_token_id)
 
 
@@ -194,6 +209,8 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
         else:
             out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1)
         state = out.memory_state
+    if batch.question_source is not None:  # several questions about one read of a context
+        state = state.select(batch.question_source)
     answer_len = int(batch.answer_mask.sum(1).max())
     # Logits only where they predict answer tokens: the vocabulary is 262k wide.
     out = model(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=state,
@@ -323,7 +340,7 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        tokens += int(batch.context_mask.sum()) + int(batch.question_mask.sum())
+        tokens += int(batch.context_mask.sum()) + int(batch.question_mask.sum())  # questions count once each
         bar.update(1)
         if step % cfg.log_every == 0 or step == last:
             dt = time.perf_counter() - t0
@@ -380,7 +397,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     saved = json.loads(state["train_config"])
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
-             "lm_weight", "lm_positions", "kl_weight")
+             "lm_weight", "lm_positions", "kl_weight", "questions_per_context")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:

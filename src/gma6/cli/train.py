@@ -31,6 +31,8 @@ def train(
     lora_rank: int = typer.Option(0, help="Co-train LoRA of this rank on the base (needs peft); 0: memory only."),
     lm_weight: float = typer.Option(0.0, help="Weight of the next-token loss on the context (keeps the base intact)."),
     lm_positions: int = typer.Option(16, help="Random context positions a segment scored by that loss."),
+    questions_per_context: int = typer.Option(
+        1, help="Questions asked about each context read (its own + others its facts answer)."),
     kl_weight: float = typer.Option(0.0, help="Weight of KL(bare || memory) at those positions (0 for a fresh memory)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute the base's activations in backward."),
     seed: int = typer.Option(0),
@@ -55,6 +57,7 @@ def train(
             steps_per_stage=steps_per_stage, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
+            questions_per_context=questions_per_context,
         )
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads,

@@ -50,6 +50,8 @@ class Sample:
         supporting: Indices into ``facts`` of the facts that the answer needs.
         n_tokens: Context length as counted when it was built (tokenizer or proxy).
         split: ``"train"``/``"test"`` if the story was drawn for a split.
+        other_questions: Further ``(question, target)`` pairs the same facts answer, of the same
+            split (generated samples only; used to ask several questions per context in training).
     """
 
     task: str
@@ -62,6 +64,7 @@ class Sample:
     supporting: tuple[int, ...] = ()
     n_tokens: int | None = None
     split: str | None = field(default=None, compare=False)
+    other_questions: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
 
 def parse_length(value: int | str) -> int:
@@ -225,6 +228,10 @@ def generate_sample(
         supporting=story.supporting,
         n_tokens=int(round(n_tokens)),
         split=split,
+        # Only questions of the sample's own split: (facts, question, answer) decides the split,
+        # so another question on the same facts may be a test item.
+        other_questions=tuple((q, t) for q, t, _ in story.alternatives
+                              if split is None or story_split(task, facts, q, t) == split),
     )
 
 

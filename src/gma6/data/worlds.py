@@ -70,12 +70,27 @@ class Story:
         question: The question, e.g. ``"Where is Mary?"``.
         target: The answer word.
         supporting: Sorted indices into ``facts`` of the facts the answer needs.
+        alternatives: The other questions the same facts answer, as ``(question, target,
+            supporting)`` (drawn without touching the random stream: a story is the same with or
+            without them). Training can ask several questions per context read.
     """
 
     facts: tuple[str, ...]
     question: str
     target: str
     supporting: tuple[int, ...]
+    alternatives: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+
+
+def _others(options: list[tuple[str, str, tuple[int, ...]]], chosen: str) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """Every option but the chosen question, each question once, in order."""
+    seen = {chosen}
+    out = []
+    for q, t, sup in options:
+        if q not in seen:
+            seen.add(q)
+            out.append((q, t, sup))
+    return tuple(out)
 
 
 def resolve_num_facts(task: str, num_facts: int | tuple[int, int] | None, rng: random.Random) -> int:
@@ -240,7 +255,9 @@ def _sorted(idx: tuple[int, ...] | list[int]) -> tuple[int, ...]:
 def _qa1(rng: random.Random, n: int) -> Story | None:
     w = _simulate(rng, n, PEOPLE, {"move": 1.0})
     person = rng.choice(sorted(w.place))
-    return Story(tuple(w.facts), f"Where is {person}?", w.place[person], (w.moved_at[person],))
+    options = [(f"Where is {p}?", w.place[p], (w.moved_at[p],)) for p in sorted(w.place)]
+    return Story(tuple(w.facts), f"Where is {person}?", w.place[person], (w.moved_at[person],),
+                 _others(options, f"Where is {person}?"))
 
 
 def _qa2(rng: random.Random, n: int) -> Story | None:
@@ -249,13 +266,15 @@ def _qa2(rng: random.Random, n: int) -> Story | None:
     if not known:
         return None
     obj = rng.choice(known)
-    if obj in w.holder:
-        support = (w.taken_at[obj], w.moved_at[w.holder[obj]])
-    else:
-        support = w.dropped_at[obj]
-    place = w.object_place(obj)
-    assert place is not None
-    return Story(tuple(w.facts), f"Where is the {obj}?", place, _sorted(support))
+
+    def option(o: str) -> tuple[str, str, tuple[int, ...]]:
+        support = (w.taken_at[o], w.moved_at[w.holder[o]]) if o in w.holder else w.dropped_at[o]
+        place = w.object_place(o)
+        assert place is not None
+        return f"Where is the {o}?", place, _sorted(support)
+
+    question, place, support = option(obj)
+    return Story(tuple(w.facts), question, place, support, _others([option(o) for o in known], question))
 
 
 def _qa3(rng: random.Random, n: int) -> Story | None:
@@ -270,13 +289,13 @@ def _qa3(rng: random.Random, n: int) -> Story | None:
         return None
     # Favour the object's latest move, as bAbI does, but also ask about earlier ones.
     obj, k = candidates[-1] if rng.random() < 0.5 else rng.choice(candidates)
-    trail = w.trail[obj]
-    return Story(
-        tuple(w.facts),
-        f"Where was the {obj} before the {trail[k][0]}?",
-        trail[k - 1][0],
-        _sorted(trail[k - 1][1] + trail[k][1]),
-    )
+
+    def option(o: str, j: int) -> tuple[str, str, tuple[int, ...]]:
+        trail = w.trail[o]
+        return f"Where was the {o} before the {trail[j][0]}?", trail[j - 1][0], _sorted(trail[j - 1][1] + trail[j][1])
+
+    question, target, support = option(obj, k)
+    return Story(tuple(w.facts), question, target, support, _others([option(o, j) for o, j in candidates], question))
 
 
 def _qa5(rng: random.Random, n: int) -> Story | None:
@@ -297,7 +316,7 @@ def _qa5(rng: random.Random, n: int) -> Story | None:
         if not any(o == obj and r == receiver for _, o, r, _ in later):
             forms.append((f"Who gave the {obj} to {receiver}?", giver, i))
     question, target, i = rng.choice(forms)
-    return Story(tuple(w.facts), question, target, (i,))
+    return Story(tuple(w.facts), question, target, (i,), _others([(q, t, (j,)) for q, t, j in forms], question))
 
 
 def _qa4(rng: random.Random, n: int) -> Story | None:
@@ -348,7 +367,7 @@ def _qa4(rng: random.Random, n: int) -> Story | None:
         return None
     question, target, i = rng.choice(options)
     sentences = tuple(f"The {a} is {d} of the {b}." for a, d, b in facts)
-    return Story(sentences, question, target, (i,))
+    return Story(sentences, question, target, (i,), _others([(q, t, (j,)) for q, t, j in options], question))
 
 
 _BUILDERS = {"qa1": _qa1, "qa2": _qa2, "qa3": _qa3, "qa4": _qa4, "qa5": _qa5}
