@@ -120,7 +120,8 @@ def load_base(
         dtype: torch dtype or its name; defaults to float32.
         device: where to put the model; defaults to CPU.
         progress: show a progress bar while building the embedded default's cache.
-        load_in_4bit: load the frozen base in 4 bits (bitsandbytes, CUDA); ``device`` must be None.
+        load_in_4bit: load the frozen base in 4 bits (bitsandbytes NF4) straight onto ``device``
+            (None: the current CUDA device, else the CPU); it cannot be moved afterwards.
         **kwargs: passed on to ``AutoModelForCausalLM.from_pretrained``.
 
     Returns:
@@ -144,9 +145,8 @@ def load_base(
     if load_in_4bit:
         from .options import quantized_load_kwargs
 
-        if device is not None:
-            raise ValueError("load_in_4bit places the model on the current CUDA device; pass device=None")
-        kwargs = {**quantized_load_kwargs(torch_dtype if torch_dtype != torch.float32 else torch.bfloat16), **kwargs}
+        kwargs = {**quantized_load_kwargs(torch_dtype if torch_dtype != torch.float32 else torch.bfloat16, device), **kwargs}
+        device = None  # placed at load time
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     if device is not None:

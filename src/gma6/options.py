@@ -11,10 +11,10 @@
     is chosen at load time; transformers refuses to cast it).
 
 ``use_4bit_quantization``
-    The frozen base in 4 bits (NF4, double quantisation) through bitsandbytes, which needs a
-    CUDA device. Quantisation happens when the weights are loaded, so load the base with
-    ``quantized_load_kwargs()`` (or ``quantization_config()``); attaching checks that bitsandbytes
-    and CUDA are there (``ImportError`` / ``RuntimeError`` otherwise) and that the base really was
+    The frozen base in 4 bits (NF4, double quantisation) through bitsandbytes, on CUDA or (from
+    bitsandbytes 0.48) the CPU. Quantisation happens when the weights are loaded, so load the base
+    with ``quantized_load_kwargs()`` (or ``quantization_config()``); attaching checks that
+    bitsandbytes can run there (``ImportError`` / ``RuntimeError`` otherwise) and that the base really was
     loaded in 4 bits (``ValueError`` otherwise). transformers' ``Trainer`` refuses to fine-tune a
     "purely quantized" model (``validate_quantization_for_training``); that check reads
     ``model.is_quantized``, which ``MemoryModel`` does not have: the trainable memory is a
@@ -48,6 +48,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ def apply_system_options(base: nn.Module, config: GMA6Config) -> None:
     """
     quantized = is_quantized(base)
     if config.use_4bit_quantization:
-        check_4bit_available()
+        check_4bit_available(_param_device(base))
         if not is_loaded_in_4bit(base):
             raise ValueError(
                 "use_4bit_quantization=True needs a base loaded in 4 bits: load it with "
@@ -134,44 +135,60 @@ def is_loaded_in_4bit(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False))
 
 
-def check_4bit_available() -> None:
-    """Raise ``ImportError`` without bitsandbytes and ``RuntimeError`` without a CUDA device."""
+def check_4bit_available(device: torch.device | str | None = None) -> None:
+    """Raise ``ImportError`` without bitsandbytes, ``RuntimeError`` where it has no 4-bit kernels.
+
+    ``device`` is where the base goes (None: CUDA if there is one, else the CPU). bitsandbytes runs
+    NF4 on CUDA, and on the CPU from release 0.48.
+    """
     try:
-        import bitsandbytes  # noqa: F401
+        import bitsandbytes
     except ImportError as e:
-        raise ImportError(
-            "use_4bit_quantization needs bitsandbytes (pip install bitsandbytes) and a CUDA device; "
-            "bitsandbytes is not installed"
-        ) from e
-    if not torch.cuda.is_available():
-        raise RuntimeError("use_4bit_quantization needs a CUDA device for bitsandbytes' 4-bit kernels; none is available")
+        raise ImportError("use_4bit_quantization needs bitsandbytes (pip install bitsandbytes); it is not installed") from e
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("use_4bit_quantization on CUDA: no CUDA device is available")
+    if dev.type == "cpu":
+        version = tuple(int(x) for x in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+        if version < (0, 48):
+            raise RuntimeError(f"use_4bit_quantization on the CPU needs bitsandbytes >= 0.48 (found {bitsandbytes.__version__})")
+    elif dev.type != "cuda":
+        raise RuntimeError(f"use_4bit_quantization: bitsandbytes has no 4-bit kernels for {dev.type!r} here")
 
 
-def quantization_config(compute_dtype: torch.dtype | None = None) -> Any:
+def _default_4bit_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def quantization_config(compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Any:
     """A ``BitsAndBytesConfig`` for a frozen 4-bit base: NF4, double quantisation.
 
-    ``compute_dtype`` defaults to bf16 (fp16 where the GPU lacks bf16). Raises like
-    ``check_4bit_available`` when bitsandbytes or CUDA is missing.
+    ``compute_dtype`` defaults to bf16 (fp16 on GPUs without bf16). Raises like
+    ``check_4bit_available`` where bitsandbytes cannot run on ``device``.
     """
-    check_4bit_available()
+    dev = torch.device(device) if device is not None else _default_4bit_device()
+    check_4bit_available(dev)
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype or half_dtype("cuda"),
+        bnb_4bit_compute_dtype=compute_dtype or half_dtype(dev),
     )
 
 
-def quantized_load_kwargs(compute_dtype: torch.dtype | None = None) -> dict[str, Any]:
+def quantized_load_kwargs(compute_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> dict[str, Any]:
     """Keyword arguments for ``from_pretrained`` (or ``gma6.load_base``) that load the base in 4 bits.
 
-    Put the model on the current CUDA device at load time (a bitsandbytes model cannot be
-    moved afterwards); pass no ``device`` to ``load_base``.
+    The model is placed at load time on ``device`` (None: the current CUDA device, else the CPU):
+    a bitsandbytes model cannot be moved afterwards.
     """
-    config = quantization_config(compute_dtype)
-    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    dev = torch.device(device) if device is not None else _default_4bit_device()
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    config = quantization_config(compute_dtype, dev)
+    return {"quantization_config": config, "device_map": {"": dev.index if dev.type == "cuda" else str(dev)}}
 
 
 # ------------------------------------------------------------------------------- memory budget
