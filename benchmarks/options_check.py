@@ -61,11 +61,21 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-only", action="store_true", help="only the training-step rows")
+    ap.add_argument("--train-batch", type=int, default=8, help="samples in the training-step rows (4 segments each)")
     args = ap.parse_args()
     device = torch.device(args.device)
     tasks = args.tasks.split(",")
     rows: list[dict[str, Any]] = []
     reference: dict[tuple, str] | None = None
+
+    def save() -> None:  # after every row: a run stopped by a time limit keeps what it measured
+        result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "date": dt.date.today().isoformat(), "adapter": args.adapter, "length": args.length,
+                  "samples_per_task": args.samples, "segment_length": args.segment_length, "tasks": tasks,
+                  "command": "python benchmarks/options_check.py " + " ".join(
+                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False)),
+                  "rows": rows}
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     def run(name: str, load: dict[str, Any], overrides: dict[str, Any]) -> None:
         nonlocal reference
@@ -92,6 +102,7 @@ def main() -> None:
         except (ImportError, RuntimeError, ValueError) as e:
             row["skipped"] = f"{type(e).__name__}: {e}"
         rows.append(row)
+        save()
         print(json.dumps(row), flush=True)
 
     if args.train_only:
@@ -110,7 +121,7 @@ def main() -> None:
     variants = [("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": False}),
                 ("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": True}),
                 ("train_step_4bit", {"dtype": torch.bfloat16, "load_in_4bit": True}, {"use_4bit_quantization": True})]
-    cfg = TrainConfig(curriculum=[4], batch_size=8, segment_length=args.segment_length)
+    cfg = TrainConfig(curriculum=[4], batch_size=args.train_batch, segment_length=args.segment_length)
     for name, load, overrides in variants:
         row = {"variant": name, **overrides}
         try:
@@ -138,14 +149,8 @@ def main() -> None:
         except (ImportError, RuntimeError, ValueError) as e:
             row["skipped"] = f"{type(e).__name__}: {e}"
         rows.append(row)
+        save()
         print(json.dumps(row), flush=True)
-    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "date": dt.date.today().isoformat(), "adapter": args.adapter, "length": args.length,
-              "samples_per_task": args.samples, "segment_length": args.segment_length, "tasks": tasks,
-              "command": "python benchmarks/options_check.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-              "rows": rows}
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print("wrote", args.out)
 
 
