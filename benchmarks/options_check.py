@@ -105,13 +105,15 @@ def main() -> None:
         save()
         print(json.dumps(row), flush=True)
 
-    if args.train_only:
-        run = lambda *a: None  # noqa: E731
-    run("fp32", {"dtype": torch.float32, "device": device}, {})
-    run("use_half_precision", {"dtype": torch.bfloat16, "device": device}, {"use_half_precision": True})
-    run("use_4bit_quantization", {"dtype": torch.bfloat16, "load_in_4bit": True}, {"use_4bit_quantization": True})
-    run("offload_to_cpu", {"dtype": torch.float32, "device": device}, {"offload_to_cpu": True})
-    run("max_memory_usage", {"dtype": torch.float32, "device": device}, {"max_memory_usage": 8.0})
+    variants = [
+        ("fp32", {"dtype": torch.float32, "device": device}, {}),
+        ("use_half_precision", {"dtype": torch.bfloat16, "device": device}, {"use_half_precision": True}),
+        ("use_4bit_quantization", {"dtype": torch.bfloat16, "load_in_4bit": True, "device": device}, {"use_4bit_quantization": True}),
+        ("offload_to_cpu", {"dtype": torch.float32, "device": device}, {"offload_to_cpu": True}),
+        ("max_memory_usage", {"dtype": torch.float32, "device": device}, {"max_memory_usage": 8.0}),
+    ]
+    for name, load, overrides in [] if args.train_only else variants:
+        run(name, load, overrides)
 
     # Training step: peak memory with and without gradient checkpointing (same batch, bf16 base),
     # then on a 4-bit base (memory trainable on top): loss before and after one AdamW step.
@@ -120,7 +122,7 @@ def main() -> None:
     half = torch.bfloat16 if device.type == "cuda" else torch.float32
     variants = [("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": False}),
                 ("train_step", {"dtype": half, "device": device}, {"gradient_checkpointing": True}),
-                ("train_step_4bit", {"dtype": torch.bfloat16, "load_in_4bit": True}, {"use_4bit_quantization": True})]
+                ("train_step_4bit", {"dtype": torch.bfloat16, "load_in_4bit": True, "device": device}, {"use_4bit_quantization": True})]
     cfg = TrainConfig(curriculum=[4], batch_size=args.train_batch, segment_length=args.segment_length)
     for name, load, overrides in variants:
         row = {"variant": name, **overrides}

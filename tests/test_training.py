@@ -32,6 +32,20 @@ def fresh():
     return attach_memory(base, GMA6Config(num_slots=4, memory_dim=16, num_heads=2, layers=[1, 3]))
 
 
+def resume_and_finish(cfg: TrainConfig, out, **stop):
+    """Train ``cfg`` until ``stop`` (e.g. max_steps), then finish from the checkpoint with fresh
+    weights, as a new process would; return the finished model."""
+    train(fresh(), TOK, cfg, out, progress=False, **stop)
+    resumed = fresh()
+    train(resumed, TOK, cfg, out, progress=False)
+    return resumed
+
+
+def assert_same_memory(a, b) -> None:
+    for (n, x), y in zip(a.controller.named_parameters(), b.controller.parameters()):
+        assert torch.equal(x, y), n
+
+
 def test_batches_are_a_pure_function_of_the_step():
     cfg = small_cfg()
     a, b = make_batch(cfg, 7, TOK, 1), make_batch(cfg, 7, TOK, 1)
@@ -60,12 +74,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = small_cfg()
     whole = fresh()
     train(whole, TOK, cfg, tmp_path / "whole", progress=False)
-    part = fresh()
-    train(part, TOK, cfg, tmp_path / "part", progress=False, max_steps=5)  # stops inside stage 1
-    resumed = fresh()  # a new process would start from fresh weights
-    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
-    for (n, a), b in zip(whole.controller.named_parameters(), resumed.controller.parameters()):
-        assert torch.equal(a, b), n
+    resumed = resume_and_finish(cfg, tmp_path / "part", max_steps=5)  # stops inside stage 1
+    assert_same_memory(whole, resumed)
     log = [json.loads(x)["step"] for x in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
     assert log == list(range(1, 13))
 
@@ -79,8 +89,7 @@ def test_time_limit_checkpoints_and_the_resumed_run_equals_uninterrupted(tmp_pat
     assert not (tmp_path / "part" / "adapter").exists()  # an unfinished run ships no adapter
     resumed = fresh()
     train(resumed, TOK, cfg, tmp_path / "part", progress=False)
-    for (n, a), b in zip(whole.controller.named_parameters(), resumed.controller.parameters()):
-        assert torch.equal(a, b), n
+    assert_same_memory(whole, resumed)
     with pytest.raises(ValueError, match="time_limit"):
         train(fresh(), TOK, cfg, tmp_path / "bad", progress=False, time_limit=0)
 
@@ -133,11 +142,8 @@ def test_context_lm_loss_is_logged_and_resume_stays_exact(tmp_path):
     train(whole, TOK, cfg, tmp_path / "whole", progress=False)
     rows = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
     assert all(r["context_lm_loss"] is not None and r["context_lm_loss"] > 0 for r in rows)
-    train(fresh(), TOK, cfg, tmp_path / "part", progress=False, max_steps=7)
-    resumed = fresh()
-    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
-    for (n, a), b in zip(whole.controller.named_parameters(), resumed.controller.parameters()):
-        assert torch.equal(a, b), n
+    resumed = resume_and_finish(cfg, tmp_path / "part", max_steps=7)
+    assert_same_memory(whole, resumed)
     with pytest.raises(ValueError, match="lm_weight"):
         small_cfg(lm_weight=-1)
 
@@ -181,10 +187,7 @@ def test_several_questions_per_context_share_one_read(tmp_path):
     loss, acc, _, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 0)
     assert loss.isfinite() and 0 <= float(acc) <= 1
     train(mm, TOK, cfg, tmp_path / "whole", progress=False)
-    train(fresh(), TOK, cfg, tmp_path / "part", progress=False, max_steps=2)
-    resumed = fresh()
-    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
-    for (n, a), b in zip(mm.controller.named_parameters(), resumed.controller.parameters()):
-        assert torch.equal(a, b), n
+    resumed = resume_and_finish(cfg, tmp_path / "part", max_steps=2)
+    assert_same_memory(mm, resumed)
     with pytest.raises(ValueError, match="questions_per_context"):
         small_cfg(questions_per_context=0)

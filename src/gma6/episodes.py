@@ -8,7 +8,7 @@ real tokens only, so padding changes nothing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -68,8 +68,6 @@ def encode_episode(sample: Sample, tokenizer: Any) -> Episode:
 
 def encode_question(sample: Sample, tokenizer: Any, question: str, target: str) -> Episode:
     """Another question (and answer) about ``sample``'s context; the context itself is not encoded."""
-    from dataclasses import replace
-
     other = replace(sample, question=question, target=target)
     return Episode(context=[], question=encode(tokenizer, prompt_parts(other).suffix),
                    answer=encode(tokenizer, " " + target + "."))

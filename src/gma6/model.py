@@ -134,37 +134,10 @@ class MemoryModel(MemoryWrapper):
             new_state = new_state.to("cpu")
         return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats)
 
-    @torch.no_grad()
-    def read(
-        self,
-        input_ids: torch.Tensor,
-        segment_length: int = 512,
-        memory_state: MemoryState | None = None,
-        attention_mask: torch.Tensor | None = None,
-        progress: bool = False,
-        bos_token_id: int | None = None,
-    ) -> MemoryState:
-        """Read a text of any length segment by segment; return the memory after it.
-
-        Padding may sit anywhere: each sample's real tokens are packed to the left first, so a
-        sample in a batch is cut into the same segments as when read alone.
-
-        Args:
-            bos_token_id: if given, every segment starts with this token (models such as Gemma
-                expect it at position 0; each segment is a fresh window).
-        """
-        self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask)
-        state = self._prepare_state(memory_state, input_ids.shape[0])
-        from tqdm.auto import tqdm
-
+    def _check_read_budget(self, batch_size: int, segment_length: int) -> None:
         from .options import check_memory_budget
 
-        check_memory_budget(self, input_ids.shape[0], segment_length)  # max_memory_usage: refuse before running
-        segments = split_segments(input_ids, mask, segment_length, bos_token_id)
-        for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
-            state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state
-        return state.to("cpu") if self.config.offload_to_cpu else state
+        check_memory_budget(self, batch_size, segment_length)  # max_memory_usage: refuse before running
 
     @torch.no_grad()
     def generate(

@@ -91,6 +91,11 @@ def apply_system_options(base: nn.Module, config: GMA6Config) -> None:
         set_gradient_checkpointing(base, True)
 
 
+def checkpointing_on(base: nn.Module) -> bool:
+    """Whether any module of ``base`` recomputes its activations in backward."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+
+
 def set_gradient_checkpointing(base: nn.Module, on: bool) -> None:
     """Switch the base's activation (gradient) checkpointing on or off, whichever name it uses."""
     prefix = "activation" if hasattr(base, "activation_checkpointing_enable") else "gradient"
@@ -281,7 +286,7 @@ def estimate_peak_bytes(
         mem = 2 * state + hiddens + write
         trainable = sum(p.numel() * p.element_size() for p in controller.parameters() if p.requires_grad)
     if training:
-        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+        checkpointing = checkpointing_on(base)
         stored_layer = e * b * t * h if checkpointing else layer_live + scores + e * b * t * h
         act = act + segments * n_layers * stored_layer + 2 * b * t * vocab * 4  # + logits' grad, log-softmax
         mem = segments * mem

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GMA6Config
-from .model import _check_input, split_segments
+from .model import _check_input
 from .state import MemoryState
 from .wrapper import MemoryOutput, MemoryWrapper
 
@@ -274,34 +274,6 @@ class RMTMemoryModel(MemoryWrapper):
         if self.config.offload_to_cpu:
             new_state = new_state.to("cpu")
         return MemoryOutput(logits, loss, new_state, stats)
-
-    @torch.no_grad()
-    def read(
-        self,
-        input_ids: torch.Tensor,
-        segment_length: int = 512,
-        memory_state: MemoryState | None = None,
-        attention_mask: torch.Tensor | None = None,
-        progress: bool = False,
-        bos_token_id: int | None = None,
-    ) -> MemoryState:
-        """Read a text of any length segment by segment; return the memory after it.
-
-        Each sample's real tokens are packed to the left first (``gma6.model.pack_left``), so a
-        sample in a batch is cut into the same segments as when read alone.
-
-        Args:
-            bos_token_id: if given, every segment starts with this token (after the read tokens).
-        """
-        self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask)
-        state = self._prepare_state(memory_state, input_ids.shape[0])
-        from tqdm.auto import tqdm
-
-        segments = split_segments(input_ids, mask, segment_length, bos_token_id)
-        for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
-            state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state
-        return state.to("cpu") if self.config.offload_to_cpu else state
 
     @torch.no_grad()
     def generate(

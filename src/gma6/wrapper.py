@@ -6,12 +6,11 @@ a state that goes in and comes out explicitly, and the adapter files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from . import __version__
 from .config import GMA6Config
 from .integration import check_decoder_only, text_config
 from .io import atomic_write
-from .options import apply_system_options, set_gradient_checkpointing
+from .options import apply_system_options, checkpointing_on, set_gradient_checkpointing
 from .state import MemoryState
 
 WEIGHTS_NAME = "memory_adapter.safetensors"
@@ -37,10 +36,6 @@ class MemoryOutput:
     loss: torch.Tensor | None
     memory_state: MemoryState
     stats: list[dict[str, torch.Tensor]] | None = None
-
-
-def _checkpointing_on(base: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
 class MemoryWrapper(nn.Module):
@@ -59,7 +54,7 @@ class MemoryWrapper(nn.Module):
         self.base = base
         self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
         # Checkpointing the memory switched on is switched off again by detach(); the user's own stays.
-        self._own_checkpointing = self.config.gradient_checkpointing and not _checkpointing_on(base)
+        self._own_checkpointing = self.config.gradient_checkpointing and not checkpointing_on(base)
         self._own_lora = False
         base.requires_grad_(False)
         apply_system_options(base, self.config)
@@ -89,6 +84,41 @@ class MemoryWrapper(nn.Module):
             raise TypeError(f"memory_state must be a MemoryState, got {type(state).__name__}")
         state.check(self.controller.shape, batch_size)
         return state.to(self.device)
+
+    def _check_read_budget(self, batch_size: int, segment_length: int) -> None:
+        """Refuse a read that would not fit ``max_memory_usage``; kinds that estimate it override this."""
+
+    @torch.no_grad()
+    def read(
+        self,
+        input_ids: torch.Tensor,
+        segment_length: int = 512,
+        memory_state: MemoryState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        progress: bool = False,
+        bos_token_id: int | None = None,
+    ) -> MemoryState:
+        """Read a text of any length segment by segment; return the memory after it.
+
+        Padding may sit anywhere: each sample's real tokens are packed to the left first, so a
+        sample in a batch is cut into the same segments as when read alone.
+
+        Args:
+            bos_token_id: if given, every segment starts with this token (models such as Gemma
+                expect it at position 0; each segment is a fresh window).
+        """
+        from tqdm.auto import tqdm
+
+        from .model import _check_input, split_segments  # model builds on this module
+
+        self._check_attached()
+        input_ids, mask = _check_input(input_ids, attention_mask)
+        state = self._prepare_state(memory_state, input_ids.shape[0])
+        self._check_read_budget(input_ids.shape[0], segment_length)
+        segments = split_segments(input_ids, mask, segment_length, bos_token_id)
+        for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
+            state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state
+        return state.to("cpu") if self.config.offload_to_cpu else state
 
     @contextmanager
     def memory_disabled(self) -> Iterator[None]:
