@@ -78,3 +78,21 @@ def test_bad_lora_requests_are_refused(tmp_path):
     assert not has_lora(base)
     with pytest.raises(ValueError, match="lora_rank"):
         GMA6Config(lora_rank=-1)
+
+
+def test_memory_disabled_is_the_bare_base_without_lora():
+    torch.manual_seed(0)
+    base = tiny_gemma3()
+    x = torch.randint(3, 64, (1, 8))
+    ref = base(input_ids=x).logits
+    mm = attach_memory(base, GMA6Config(**SMALL))
+    params = mm.add_lora(4)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.5)  # a trained LoRA: B no longer zero
+    with_lora = mm(input_ids=x).logits
+    assert not torch.allclose(with_lora, ref, atol=1e-3)
+    with mm.memory_disabled():
+        assert torch.allclose(mm(input_ids=x).logits, ref, atol=1e-6)
+    assert all(p.requires_grad for p in params)  # still trainable after the block
+    assert torch.equal(mm(input_ids=x).logits, with_lora)

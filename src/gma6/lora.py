@@ -8,7 +8,8 @@ puts the same LoRA back; ``detach()`` removes it, giving the base back as it was
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -84,3 +85,28 @@ def remove_lora(base: nn.Module) -> None:
             setattr(parent, child, module.get_base_layer())
     if "peft_config" in vars(base):  # set by inject_adapter_in_model
         del base.peft_config
+
+
+@contextmanager
+def lora_disabled(base: nn.Module) -> Iterator[None]:
+    """Run ``base`` without its LoRA inside this block (the bare base, e.g. as a KL reference).
+
+    ``requires_grad`` of the LoRA weights is restored afterwards (peft's toggle would change it).
+    """
+    if not has_lora(base):
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in base.modules() if isinstance(m, BaseTunerLayer)]
+    flags = [(p, p.requires_grad) for n, p in base.named_parameters() if "lora_" in n]
+    was_disabled = [m.disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, off in zip(layers, was_disabled):
+            m.enable_adapters(not off)
+        for p, flag in flags:
+            p.requires_grad_(flag)

@@ -122,11 +122,14 @@ class MemoryWrapper(nn.Module):
 
     @contextmanager
     def memory_disabled(self) -> Iterator[None]:
-        """Run the bare base model inside this block."""
+        """Run the bare base model inside this block (LoRA, when added, switched off too)."""
+        from .lora import lora_disabled
+
         previous = self._disabled
         self._disabled = True
         try:
-            yield
+            with lora_disabled(self.base):
+                yield
         finally:
             self._disabled = previous
 
