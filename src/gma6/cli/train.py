@@ -44,6 +44,9 @@ def train(
     log_every: int = typer.Option(10),
     checkpoint_every: int = typer.Option(100),
     workers: int = typer.Option(-1, help="Processes building batches ahead (-1: 4 on CUDA, 0 on CPU)."),
+    init_adapter: Optional[Path] = typer.Option(
+        None, help="Start from this saved adapter's weights (memory and its LoRA); its config replaces the memory "
+                   "options. E.g. a longer curriculum after a short one. The optimizer starts fresh."),
 ) -> None:
     """Train only the memory (PEFT-style) with a curriculum over the number of segments."""
     from ..config import GMA6Config
@@ -67,9 +70,20 @@ def train(
         raise typer.BadParameter(str(e)) from e
     if time_limit is not None and not time_limit > 0:
         raise typer.BadParameter(f"--time-limit={time_limit}: expected a positive number of seconds")
+    if init_adapter is not None:
+        saved = _adapter_config(init_adapter)
+        if lora_rank not in (0, saved.lora_rank):
+            raise typer.BadParameter(f"--lora-rank={lora_rank} but {init_adapter} has lora_rank={saved.lora_rank}: "
+                                     "leave --lora-rank out or give the adapter's rank")
+        tcfg.lora_rank = saved.lora_rank  # recorded, and checked on resume
     dev = pick_device(device)
     base, tok = load(model, dev, pick_dtype(dtype, dev))
-    mm = attach_memory(base, mcfg)
+    if init_adapter is not None:
+        from ..model import load_adapter
+
+        mm = load_adapter(base, init_adapter, gradient_checkpointing=gradient_checkpointing)
+    else:
+        mm = attach_memory(base, mcfg)
     mm.print_trainable_parameters()
     last = run(mm, tok, tcfg, out, resume=resume, max_steps=max_steps, command=command_line(),
               num_workers=workers if workers >= 0 else (4 if dev.type == "cuda" else 0), time_limit=time_limit)
@@ -77,3 +91,12 @@ def train(
         typer.echo(f"stopped by --time-limit at step {last['stopped_at_step']} of {tcfg.total_steps}; "
                    f"run the same command again to resume from {out}/checkpoint")
     typer.echo(f"done: step {last.get('step')} loss {last.get('loss')} acc {last.get('acc')} -> {out}")
+
+
+def _adapter_config(directory: Path):
+    from ..config import GMA6Config
+
+    try:
+        return GMA6Config.load(directory)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"--init-adapter {directory}: {e}") from e

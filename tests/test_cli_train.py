@@ -1,0 +1,51 @@
+"""``gma6 train`` end to end in a subprocess on a tiny Gemma 3: a run, and a second one started from
+the first one's adapter (``--init-adapter``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli_eval import _gma6, tiny_checkpoint  # noqa: F401  (module-scoped fixture)
+
+pytest.importorskip("peft")
+
+COMMON = ["--segment-length", "48", "--batch-size", "2", "--steps-per-stage", "2", "--log-every", "1",
+          "--slots", "4", "--memory-dim", "16", "--heads", "2", "--workers", "0"]
+
+
+def _train(model, out, *extra):
+    r = _gma6("train", "--model", str(model), "--out", str(out), *COMMON, *extra)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r
+
+
+def test_init_adapter_starts_from_its_weights_and_keeps_its_config(tiny_checkpoint, tmp_path):  # noqa: F811
+    _train(tiny_checkpoint, tmp_path / "a", "--curriculum", "1", "--lora-rank", "4")
+    first = tmp_path / "a" / "adapter"
+    # A different memory shape on the command line is replaced by the adapter's; lr ~0 keeps its weights.
+    _train(tiny_checkpoint, tmp_path / "b", "--curriculum", "2", "--init-adapter", str(first), "--lr", "1e-12",
+           "--slots", "8")
+    second = tmp_path / "b" / "adapter"
+    assert json.loads((second / "gma6_config.json").read_text())["num_slots"] == 4
+    for name in ("memory_adapter.safetensors", "lora_adapter.safetensors"):
+        a, b = load_file(str(first / name)), load_file(str(second / name))
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    meta = json.loads((second / "training.json").read_text())
+    assert meta["train_config"]["lora_rank"] == 4 and "--init-adapter" in meta["command"]
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["segments"] == 2 and log[0]["grad_norm"] > 0  # memory and LoRA still trainable
+
+
+def test_init_adapter_refusals(tiny_checkpoint, tmp_path):  # noqa: F811
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON,
+              "--init-adapter", str(tmp_path / "nowhere"))
+    assert r.returncode != 0 and "--init-adapter" in r.stderr and "gma6_config.json" in r.stderr
+    _train(tiny_checkpoint, tmp_path / "a", "--curriculum", "1", "--lora-rank", "4")
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "y"), *COMMON,
+              "--init-adapter", str(tmp_path / "a" / "adapter"), "--lora-rank", "8")
+    assert r.returncode != 0 and "lora_rank=4" in r.stderr
