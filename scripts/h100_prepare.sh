@@ -5,7 +5,7 @@ set -uo pipefail
 source scripts/h100_env.sh
 cd /tmp/g && if [ ! -f gemma.gguf ]; then if [ -f p0 ]; then cat p? > gemma.gguf; else cat *.part0? > gemma.gguf; fi; fi
 sha256sum gemma.gguf; cd - >/dev/null
-python3 -m pip install -q --no-deps --target /tmp/pylib .device/wheels/*.whl /tmp/g/*.whl 2>&1 | grep -v WARN | tail -2
+python3 -m pip install -q --no-deps --target /tmp/pylib .device/wheels/*.whl $(ls /tmp/g/*.whl 2>/dev/null) 2>&1 | grep -v WARN | tail -2
 python3 -c "
 import time, torch, gma6; t = time.time()
 base, tok = gma6.load_base('$M', dtype=torch.bfloat16, device='cuda', progress=False)

@@ -5,5 +5,5 @@
 # Wheels too large to travel beside the tree (bitsandbytes) go in .device/bnb/, carried alone.
 # Each call carries only some of these: copy whichever came (no set -e: the other globs match nothing).
 mkdir -p /tmp/g
-for f in .device/gemma/*.part0* .device/g2/p* .device/bnb/*.whl; do [ -f "$f" ] && cp "$f" /tmp/g/; done
+for f in .device/gemma/*.part0* .device/g*/p? .device/bnb/*.whl; do [ -f "$f" ] && cp "$f" /tmp/g/; done
 ls -la /tmp/g

@@ -27,9 +27,12 @@ def main() -> None:
         path, _, label = str(spec).partition("@")
         run = json.loads(Path(path).read_text())
         if label:
-            names = {s: label for s in run.get("systems", []) if not s.startswith("base_")}
-            if len(names) != 1:
-                raise SystemExit(f"{path}: @{label} needs exactly one memory system in the run, found {list(names)}")
+            suffix = "_other_context"  # the control of the same adapter keeps its suffix
+            mems = [s for s in run.get("systems", []) if not s.startswith("base_")]
+            own = [s for s in mems if not s.endswith(suffix)]
+            if len(own) > 1 or not mems:
+                raise SystemExit(f"{path}: @{label} needs exactly one memory system in the run, found {mems}")
+            names = {s: label + suffix if s.endswith(suffix) else label for s in mems}
             run["systems"] = [names.get(s, s) for s in run["systems"]]
             for row in run["rows"] + run.get("outputs", []):
                 row["system"] = names.get(row["system"], row["system"])

@@ -227,3 +227,35 @@ def test_merge_runs_of_other_systems_on_the_same_samples(tiny_model, tok, tmp_pa
         merge_results([a, {**b, "segment_length": 64}])
     with pytest.raises(ValueError, match="no results"):
         merge_results([])
+
+
+def test_other_context_control_reads_the_next_samples_context(tiny_model, tok, monkeypatch):
+    import gma6.evaluation as ev
+
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    read: list[list[tuple[int, ...]]] = []
+    real = ev._read_context
+
+    def spy(model, episodes, *args):
+        read.append([tuple(e.context) for e in episodes])
+        return real(model, episodes, *args)
+
+    monkeypatch.setattr(ev, "_read_context", spy)
+    r = evaluate(mm, tok, ["qa1"], [64], 3, segment_length=32, progress=False, batch_size=2,
+                 systems=("memory", "memory_other_context"))
+    mm.detach()
+    assert r["systems"] == ["memory", "memory_other_context"]
+    assert {row["system"] for row in r["rows"]} == {"memory", "memory_other_context"}
+    own = [c for chunk in read[:2] for c in chunk]
+    other = [c for chunk in read[2:] for c in chunk]
+    assert len(own) == len(other) == 3 and len(set(own)) == 3
+    assert other == own[1:] + own[:1]  # sample i's question after sample i+1's context
+
+
+def test_other_context_control_alone_and_unknown_systems(tiny_model, tok):
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    r = evaluate(mm, tok, ["qa1"], ["0k"], 2, progress=False, systems=("memory_other_context",))
+    mm.detach()
+    assert r["systems"] == ["memory_other_context"] and len(r["rows"]) == 1
+    with pytest.raises(ValueError, match="unknown systems"):
+        evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, systems=("memory_shuffled",))

@@ -49,7 +49,11 @@ from .io import atomic_write, atomic_write_text
 
 BASE_SYSTEMS: tuple[str, ...] = ("base_full", "base_last_segment", "base_question")
 MEMORY_SYSTEM = "memory"
-SYSTEMS: tuple[str, ...] = (*BASE_SYSTEMS, MEMORY_SYSTEM)
+# A control: every question is asked after reading another sample's context (the next one in the
+# cell), so the memory holds no fact about it. What this scores is the adapter's prior (and its LoRA's);
+# the gap to "memory" is what it recalls.
+OTHER_CONTEXT_SYSTEM = "memory_other_context"
+SYSTEMS: tuple[str, ...] = (*BASE_SYSTEMS, MEMORY_SYSTEM, OTHER_CONTEXT_SYSTEM)
 DEFAULT_SYSTEMS: tuple[str, ...] = ("base_full", "base_last_segment", MEMORY_SYSTEM)
 DEFAULT_MAX_FULL_TOKENS = 32768
 SCHEMA_KEYS: tuple[str, ...] = ("model", "adapter", "device", "dtype", "date", "segment_length", "command", "rows")
@@ -328,7 +332,9 @@ def evaluate(
         segment_length: tokens per segment, BOS included (memory reading, ``base_last_segment``).
         seed: base seed of the test samples.
         systems: any of :data:`SYSTEMS`; ``"memory"`` runs every memory model given (skipped,
-            with a note, when there is none).
+            with a note, when there is none); ``"memory_other_context"`` runs each of them as the
+            control that reads another sample's context before the question (labelled
+            ``<memory label>_other_context``).
         adapter: memory systems besides a memory model passed in: an adapter folder, a
             ``GMA6Config`` (a fresh memory) or a memory model on the same base; or a list of them
             (each attached in turn, then detached).
@@ -368,10 +374,14 @@ def evaluate(
     if max_full_tokens is not None:
         limit_tokens = min(limit_tokens or max_full_tokens, max_full_tokens)
     notes: list[str] = []
-    if MEMORY_SYSTEM in systems and not mems:
+    if (MEMORY_SYSTEM in systems or OTHER_CONTEXT_SYSTEM in systems) and not mems:
         notes.append("memory: skipped (no adapter given)")
     base_systems = [s for s in BASE_SYSTEMS if s in systems]
-    run_mems = mems if MEMORY_SYSTEM in systems else []
+    run_mems = mems if MEMORY_SYSTEM in systems or OTHER_CONTEXT_SYSTEM in systems else []
+    variants = [v for v in (MEMORY_SYSTEM, OTHER_CONTEXT_SYSTEM) if v in systems]  # per memory model
+
+    def label(m: _Memory, variant: str) -> str:
+        return m.label if variant == MEMORY_SYSTEM else f"{m.label}_other_context"
 
     result: dict[str, Any] = {
         "model": str(getattr(base.config, "_name_or_path", "") or type(base).__name__),
@@ -390,7 +400,7 @@ def evaluate(
         "max_new_tokens": max_new_tokens,
         "max_full_tokens": limit_tokens,
         "scoring": "gma6.data.score (BABILong) on " + ("the first line of the output" if first_line else "the whole output"),
-        "systems": base_systems + [m.label for m in run_mems],
+        "systems": base_systems + [label(m, v) for m in run_mems for v in variants],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
         "rows": [],
@@ -411,7 +421,7 @@ def evaluate(
 
     from tqdm.auto import tqdm
 
-    total = sum(len(c.samples) for c in cells) * (len(base_systems) + len(run_mems))
+    total = sum(len(c.samples) for c in cells) * (len(base_systems) + len(run_mems) * len(variants))
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress)
 
     def emit(system: str, cell: _Cell, answers: list[str] | None, seconds: float, extra: dict[str, Any]) -> None:
@@ -484,18 +494,21 @@ def evaluate(
             model = _attach(base, m)
             try:
                 model.eval()
-                for cell in cells:
-                    bar.set_description(f"{m.label} {cell.task} {cell.label}")
+                for variant, cell in ((v, c) for v in variants for c in cells):
+                    bar.set_description(f"{label(m, variant)} {cell.task} {cell.label}")
                     t0 = time.perf_counter()
+                    eps_all = cell.episodes
+                    # The control reads sample i+1's context before sample i's question.
+                    read_eps = eps_all if variant == MEMORY_SYSTEM else eps_all[1:] + eps_all[:1]
                     answers: list[str] = []
-                    for i in range(0, len(cell.episodes), batch_size):
-                        eps = cell.episodes[i:i + batch_size]
-                        state = _read_context(model, eps, segment_length, bos, pad)
-                        answers += answer(model, [question_prompt(e, bos) for e in eps], memory_state=state)
-                    ctx_tokens = sum(len(e.context) for e in cell.episodes) / len(cell.episodes)
-                    extra = {"prompt_tokens": round(ctx_tokens + (1 + len(cell.episodes[0].question)), 1),
-                             "segments": max(_segments(len(e.context), segment_length, bos) for e in cell.episodes)}
-                    emit(m.label, cell, answers, time.perf_counter() - t0, extra)
+                    for i in range(0, len(eps_all), batch_size):
+                        state = _read_context(model, read_eps[i:i + batch_size], segment_length, bos, pad)
+                        answers += answer(model, [question_prompt(e, bos) for e in eps_all[i:i + batch_size]],
+                                          memory_state=state)
+                    ctx_tokens = sum(len(e.context) for e in read_eps) / len(read_eps)
+                    extra = {"prompt_tokens": round(ctx_tokens + (1 + len(eps_all[0].question)), 1),
+                             "segments": max(_segments(len(e.context), segment_length, bos) for e in read_eps)}
+                    emit(label(m, variant), cell, answers, time.perf_counter() - t0, extra)
             finally:
                 if m.owned and hasattr(model, "detach"):
                     model.detach()

@@ -31,7 +31,8 @@ def eval_command(
     lengths: str = typer.Option("0k,1k,4k", help="Context lengths, e.g. 0k,1k,4k."),
     samples: str = typer.Option("20", help="Samples per cell: one count, or one per length (e.g. 20,20,5)."),
     systems: str = typer.Option("base_full,base_last_segment,memory",
-                                help="Systems: base_full, base_last_segment, base_question, memory."),
+                                help="Systems: base_full, base_last_segment, base_question, memory, memory_other_context "
+                                     "(control: each question after another sample's context)."),
     segment_length: int = typer.Option(512, help="Tokens per segment (BOS included)."),
     seed: int = typer.Option(0, help="Base seed of the test samples."),
     device: str = typer.Option("auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
