@@ -191,3 +191,27 @@ def test_several_questions_per_context_share_one_read(tmp_path):
     assert_same_memory(mm, resumed)
     with pytest.raises(ValueError, match="questions_per_context"):
         small_cfg(questions_per_context=0)
+
+
+def test_context_terms_recomputed_in_backward_give_the_same_values_and_gradients():
+    from gma6.training import context_terms
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 40, requires_grad=True)
+    bare = torch.randn(2, 5, 40)
+    valid = torch.tensor([[True, True, False, True, True], [True, False, True, True, True]])
+    target = torch.randint(0, 40, (2, 5)).masked_fill(~valid, -100)
+    lm, kl = context_terms(logits, target, valid, bare)
+    (lm + kl).backward()
+    want = logits.grad.clone()
+    logits.grad = None
+    lm2, kl2 = torch.utils.checkpoint.checkpoint(context_terms, logits, target, valid, bare, use_reentrant=False)
+    (lm2 + kl2).backward()
+    assert torch.equal(lm, lm2) and torch.equal(kl, kl2) and torch.allclose(logits.grad, want)
+    # the same numbers as the plain formulas
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100,
+                                            reduction="sum") / valid.sum()
+    assert torch.allclose(lm, ref)
+    assert context_terms(logits, target, valid)[1] is None
+    same = context_terms(bare, target, valid, bare)[1]
+    assert abs(float(same)) < 1e-6  # KL of a distribution to itself

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .data.generator import derive_seed, generate_sample
@@ -197,15 +198,17 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
             out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=pos)
             valid = mask[:, pos] & mask[:, pos + 1]
             target = ids[:, pos + 1].masked_fill(~valid, -100)
-            total = F.cross_entropy(out.logits.float().flatten(0, 1), target.flatten(), ignore_index=-100,
-                                    reduction="sum")
-            lm_terms.append(total / valid.sum().clamp(min=1))
+            bare = None
             if kl:
                 with torch.no_grad(), model.memory_disabled():
-                    bare = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits.float()
-                logp = F.log_softmax(out.logits.float(), -1)
-                per_pos = F.kl_div(logp, F.log_softmax(bare, -1), log_target=True, reduction="none").sum(-1)
-                kl_terms.append((per_pos * valid).sum() / valid.sum().clamp(min=1))
+                    bare = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits
+            # Recomputed in backward: otherwise every segment keeps several fp32 copies of its
+            # vocabulary-wide logits until the end of the sample (out of GPU memory at 16 segments).
+            lm_term, kl_term = torch.utils.checkpoint.checkpoint(
+                context_terms, out.logits, target, valid, bare, use_reentrant=False)
+            lm_terms.append(lm_term)
+            if kl:
+                kl_terms.append(kl_term)
         else:
             out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1)
         state = out.memory_state
@@ -223,6 +226,23 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     lm = torch.stack(lm_terms).mean() if lm_terms else None
     kl_loss = torch.stack(kl_terms).mean() if kl_terms else None
     return loss, correct.all(1).float().mean(), lm, kl_loss
+
+
+def context_terms(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                  bare_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token loss at the kept positions and, with ``bare_logits``, KL(bare || memory) there.
+
+    Args:
+        logits: (B, P, V) of the memory model at P positions; bare_logits the same of the bare base.
+        target: (B, P) next tokens, -100 where not scored; valid: (B, P) bool, where scored.
+    """
+    logp = F.log_softmax(logits.float(), -1)
+    n = valid.sum().clamp(min=1)
+    lm = F.nll_loss(logp.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum") / n
+    if bare_logits is None:
+        return lm, None
+    per_pos = F.kl_div(logp, F.log_softmax(bare_logits.float(), -1), log_target=True, reduction="none").sum(-1)
+    return lm, (per_pos * valid).sum() / n
 
 
 @torch.no_grad()
