@@ -22,7 +22,7 @@ def _peft():
     try:
         import peft
     except ImportError as e:
-        raise ImportError("LoRA needs peft: pip install 'gma6[lora]'") from e
+        raise ImportError("LoRA needs peft (a gma6 dependency): pip install 'peft>=0.13'") from e
     return peft
 
 
