@@ -276,3 +276,20 @@ def test_options_do_not_touch_a_plain_base(tiny_model):
     assert {p.dtype for p in mm.base.parameters()} == {torch.float32}
     assert not any(getattr(m, "gradient_checkpointing", False) is True for m in mm.base.modules())
     assert all(torch.equal(v, before[k]) for k, v in mm.base.state_dict().items())
+
+
+def test_budget_also_guards_the_rmt_peer(monkeypatch):
+    cfg = dict(memory_type="rmt", num_slots=4)
+    mm = attach_memory(tiny_gemma3(), GMA6Config(max_memory_usage=1e-5, **cfg))
+    ran = []
+    monkeypatch.setattr(mm.base, "forward", lambda *a, **k: ran.append(1))
+    with pytest.raises(MemoryBudgetError, match="max_memory_usage"):
+        mm.read(_ids(t=40), segment_length=8)
+    assert not ran
+    mm.detach()
+    rmt = attach_memory(tiny_gemma3(), GMA6Config(**cfg))
+    gated = attach_memory(tiny_gemma3(), GMA6Config(memory_type="gated", num_slots=4, memory_dim=16, num_heads=2))
+    # 2 x 4 memory tokens more through the base than the segment alone
+    assert estimate_peak_bytes(rmt, 1, 64) > estimate_peak_bytes(rmt.base, 1, 64 + 8) > estimate_peak_bytes(gated.base, 1, 64)
+    out = attach_memory(tiny_gemma3(), GMA6Config(max_memory_usage=100.0, **cfg)).read(_ids(t=40), segment_length=8)
+    assert out.memory.shape[2] == 4

@@ -134,11 +134,6 @@ class MemoryModel(MemoryWrapper):
             new_state = new_state.to("cpu")
         return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats)
 
-    def _check_read_budget(self, batch_size: int, segment_length: int) -> None:
-        from .options import check_memory_budget
-
-        check_memory_budget(self, batch_size, segment_length)  # max_memory_usage: refuse before running
-
     @torch.no_grad()
     def generate(
         self,

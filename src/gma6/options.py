@@ -268,6 +268,9 @@ def estimate_peak_bytes(
     vocab = getattr(tc, "vocab_size", None) or 0
     e = _activation_bytes(base)
     keep = t if (training or not logits_to_keep) else min(int(logits_to_keep), t)
+    config = getattr(model, "config", None)
+    if controller is not None and isinstance(config, GMA6Config) and config.memory_type == "rmt":
+        t += 2 * controller.shape[1]  # the RMT peer runs [read; segment; write] memory tokens through the base
 
     qkv = (heads + 2 * kv_heads) * head_dim
     layer_live = e * b * t * (4 * h + 2 * qkv + heads * head_dim + 3 * inter)

@@ -86,7 +86,10 @@ class MemoryWrapper(nn.Module):
         return state.to(self.device)
 
     def _check_read_budget(self, batch_size: int, segment_length: int) -> None:
-        """Refuse a read that would not fit ``max_memory_usage``; kinds that estimate it override this."""
+        """Refuse a read that would not fit ``max_memory_usage``, before running anything."""
+        from .options import check_memory_budget
+
+        check_memory_budget(self, batch_size, segment_length)
 
     @torch.no_grad()
     def read(
