@@ -259,3 +259,5 @@ def test_other_context_control_alone_and_unknown_systems(tiny_model, tok):
     assert r["systems"] == ["memory_other_context"] and len(r["rows"]) == 1
     with pytest.raises(ValueError, match="unknown systems"):
         evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, systems=("memory_shuffled",))
+    with pytest.raises(ValueError, match="at least 2 samples"):  # alone, a sample would read its own context
+        evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, systems=("memory_other_context",))

@@ -366,6 +366,9 @@ def evaluate(
     if batch_size <= 0 or max_new_tokens <= 0:
         raise ValueError("batch_size and max_new_tokens must be positive")
     counts = _length_counts(n, lens, limit)
+    if OTHER_CONTEXT_SYSTEM in systems and min(counts.values()) < 2:
+        raise ValueError(f"{OTHER_CONTEXT_SYSTEM} needs at least 2 samples a cell (another sample's context "
+                         f"to read); got {min(counts.values())}")
 
     base, mems = _memories(model_or_base, adapter)
     bos, pad, eos_ids = _special(tokenizer, base)
