@@ -22,12 +22,6 @@ for n in "${names[@]}"; do
   echo "== $n"; tr '\r' '\n' < /tmp/runs/$n.log | grep -E "done|stopped|trainable|Error" | tail -3; tail -1 /tmp/runs/$n/log.jsonl
 done
 if [ "$E" -gt 0 ]; then
-  ev="--model $M --lengths ${EVAL_LENGTHS:-0k,1k,4k,16k,32k} --samples ${EVAL_SAMPLES:-100,100,100,50,25} --segment-length 256
-   --out-dir /tmp/ev --no-progress --systems memory --batch-size 32"
-  for n in "${names[@]}"; do
-    a=/tmp/runs/$n/adapter; [ -d $a ] || a=/tmp/runs/$n/checkpoint
-    timeout $E python3 -m gma6.cli eval $ev --adapter $a --name $n > /tmp/ev/$n.log 2>&1 &
-  done
-  wait
-  for n in "${names[@]}"; do cp /tmp/ev/$n.json $OUT/ 2>/dev/null; echo "== eval $n"; tail -c 1200 /tmp/ev/$n.log; done
+  EVAL_SECONDS=$E EVAL_LENGTHS=${EVAL_LENGTHS:-0k,1k,4k,16k,32k} EVAL_SAMPLES=${EVAL_SAMPLES:-100,100,100,50,25} \
+    bash scripts/h100_eval_pair.sh "${names[@]}"
 fi
