@@ -18,6 +18,7 @@ from pathlib import Path
 from gma6.data import generate_samples
 from gma6.data.vocab import PLACES
 from gma6.data.generator import parse_length
+from gma6.io import atomic_write_text
 
 
 def main() -> None:
@@ -65,7 +66,7 @@ def main() -> None:
         "systems": {k: {"n": sum(c.values()), **{kind: round(v / sum(c.values()), 3) for kind, v in c.most_common()}}
                     for k, c in counts.items()},
     }
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     for k, v in result["systems"].items():
         print(k, v)
 
