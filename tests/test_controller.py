@@ -35,3 +35,51 @@ def test_batched_write_equals_the_per_layer_write(addressing):
     g_slow = torch.autograd.grad(slow.memory.square().sum(), [*hiddens, *ctl.parameters()], allow_unused=True)
     for a, b in zip(g_fast, g_slow):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-4))
+
+
+def _controller(seed: int = 0) -> MemoryController:
+    torch.manual_seed(seed)
+    cfg = GMA6Config(num_slots=4, memory_dim=16, num_heads=2, layers=[0, 2, 3]).resolve(32, 4, "t")
+    ctl = MemoryController(cfg)
+    for p in ctl.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    return ctl
+
+
+def test_read_keys_values_of_all_layers_equal_each_gate_own():
+    ctl = _controller()
+    memory = torch.randn(2, 3, 4, 16)
+    h = torch.randn(2, 5, 32)
+    k, v = ctl.read_keys_values(memory)
+    assert k.shape == v.shape == (3, 2, 2, 4, 8)  # (L, B, n, S, d)
+    for i in range(3):
+        own, _ = ctl.read(i, h, memory[:, i])
+        shared, _ = ctl.read(i, h, memory[:, i], kv=(k[i], v[i]))
+        assert torch.allclose(own, shared, atol=1e-6)
+
+
+def test_stacked_weights_are_cached_without_autograd_and_follow_parameter_changes():
+    ctl = _controller()
+    state = ctl.init_state(2)
+    hiddens = [torch.randn(2, 5, 32) for _ in range(3)]
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        first, _ = ctl.write(state, hiddens, mask)
+        assert ctl._stacked("write") is ctl._stacked("write")  # cached
+        ctl.layers[1].candidate.weight.mul_(2.0)  # an in-place change, as an optimizer step makes
+        after, _ = ctl.write(state, hiddens, mask)
+        reference, _ = ctl.write(state, hiddens, mask, return_stats=True)  # the per-layer path
+    assert not torch.allclose(first.memory[:, 1], after.memory[:, 1])
+    assert torch.allclose(after.memory, reference.memory, atol=1e-5)
+    # with autograd nothing is cached: gradients reach each layer's own parameter
+    out, _ = ctl.write(state, [h.requires_grad_() for h in hiddens], mask)
+    out.memory.sum().backward()
+    assert ctl.layers[1].candidate.weight.grad is not None
+
+
+def test_a_controller_made_under_inference_mode_writes_without_caching():
+    with torch.inference_mode():
+        ctl = _controller()
+        state = ctl.init_state(2)
+        out, _ = ctl.write(state, [torch.randn(2, 5, 32) for _ in range(3)], torch.ones(2, 5, dtype=torch.bool))
+    assert torch.isfinite(out.memory).all() and "write" not in ctl._stack_cache

@@ -152,7 +152,8 @@ def test_detach_leaves_no_hook_and_restores_base(tiny_model):
     n_hooks = hook_count(tiny_model)
     mm = attach_memory(tiny_model, GMA6Config(**SMALL))
     _perturb(mm)
-    assert hook_count(tiny_model) == n_hooks + len(mm.config.layers)
+    # one on each memory layer, one on the base norm that reads its output (the write's input)
+    assert hook_count(tiny_model) == n_hooks + 2 * len(mm.config.layers)
     base = mm.detach()
     assert base is tiny_model
     assert hook_count(base) == n_hooks
@@ -243,3 +244,42 @@ def test_left_padded_forward_matches_alone(tiny_model):
     out = mm(input_ids=ids, attention_mask=mask)
     alone = mm(input_ids=b)
     torch.testing.assert_close(out.logits[1, 3:], alone.logits[0], rtol=0, atol=1e-4)
+
+
+def test_write_takes_its_input_from_the_base_norm_call_and_equals_recomputing_it(tiny_model):
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    _perturb(mm)
+    x = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    calls = []
+    spies = [n.register_forward_hook(lambda *a: calls.append(1)) for n in mm._reading_norms]
+    try:
+        with torch.no_grad():
+            captured = mm(input_ids=x).memory_state
+            n_captured = len(calls)
+            for handle in mm._norm_hooks:  # without the capture the write norms the outputs itself
+                handle.remove()
+            calls.clear()
+            recomputed = mm(input_ids=x).memory_state
+    finally:
+        for s in spies:
+            s.remove()
+    assert n_captured == len(mm.config.layers)  # the base's own calls only: the write added none
+    assert len(calls) == 2 * len(mm.config.layers)
+    assert torch.equal(captured.memory, recomputed.memory)
+
+
+def test_folded_reading_norm_equals_calling_it(tiny_model):
+    """rms_norm(norm(h)) is computed as rms_norm(h * g): same read, fewer kernels."""
+    with torch.no_grad():
+        for layer in tiny_model.model.layers:  # non-trivial norm weights
+            layer.input_layernorm.weight.normal_()
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    _perturb(mm)
+    assert all(g is not None for g in mm._reading_gains)
+    x = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        folded = mm(input_ids=x)
+        mm._reading_gains = [None] * len(mm._reading_gains)
+        called = mm(input_ids=x)
+    torch.testing.assert_close(folded.logits, called.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(folded.memory_state.memory, called.memory_state.memory, rtol=1e-4, atol=1e-4)

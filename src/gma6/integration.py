@@ -133,3 +133,30 @@ def find_reading_norms(model: nn.Module, layer_ids: list[int]) -> list[nn.Module
         return None
 
     return [input_norm(layers[i + 1]) if i + 1 < len(layers) else final_norm() for i in layer_ids]
+
+
+@torch.no_grad()
+def rms_gain(norm: nn.Module, hidden_size: int) -> torch.Tensor | None:
+    """``g`` (fp32, (H,)) if ``norm(x) == x / rms(x) * g`` for every ``x`` (an RMSNorm of any
+    family: Llama's ``w``, Gemma's ``1 + w``), else None (LayerNorm, anything else).
+
+    Why: a read that needs ``rms_norm(norm(x))`` can then take ``rms_norm(x * g)`` (the per-token
+    scale cancels), one fused kernel instead of the base's unfused norm.
+    """
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, hidden_size, generator=g) + 0.5
+    x = x * torch.where(torch.rand(4, hidden_size, generator=g) < 0.5, -1.0, 1.0)
+    x[1:] *= torch.tensor([[0.1], [10.0], [3.0]])
+    try:
+        y = norm(x.to(device=w.device, dtype=torch.float32)).float().cpu()
+    except Exception:  # noqa: BLE001 - a norm that cannot take fp32 is not one we can fold
+        return None
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+    gains = y * rms / x
+    gain = gains[0]
+    if not bool(torch.isfinite(gains).all()) or not torch.allclose(gains, gain.expand_as(gains), rtol=1e-3, atol=1e-5):
+        return None
+    return gain.to(w.device)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import GMA6Config
-from .integration import LayerHooks, find_decoder_layers, find_reading_norms
+from .integration import LayerHooks, find_decoder_layers, find_reading_norms, rms_gain
 from .memory import MemoryController
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
@@ -32,7 +32,9 @@ class _Call:
     memory: torch.Tensor
     collect: bool
     return_stats: bool = False
-    hiddens: dict[int, torch.Tensor] = field(default_factory=dict)
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's slot keys and values (L, B, n, S, d)
+    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
+    hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -51,7 +53,11 @@ class MemoryModel(MemoryWrapper):
             decoder_layers = find_decoder_layers(base)
             # A plain list: the base's norms must not become part of the adapter's state_dict.
             self._reading_norms = find_reading_norms(base, self.config.layers)
+            # Where a reading norm is an RMSNorm, the read folds it into its own (see rms_gain).
+            self._reading_gains = [None if n is None else rms_gain(n, self.config.hidden_size) for n in self._reading_norms]
             self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
+            self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
+                                for slot, n in enumerate(self._reading_norms) if n is not None]
         except BaseException:
             self.detach()
             raise
@@ -63,20 +69,51 @@ class MemoryModel(MemoryWrapper):
             if call is None or self._disabled:
                 return None
             memory = call.memory[:, slot]
+            kv = None if call.kv is None else (call.kv[0][slot], call.kv[1][slot])
             if memory.shape[0] != hidden.shape[0]:  # generate() expanded the batch (beams, samples)
-                memory = memory.repeat_interleave(hidden.shape[0] // memory.shape[0], dim=0)
-            norm = self._reading_norms[slot]
-            view = norm(hidden).to(memory.dtype) if norm is not None else None
-            delta, stats = self.controller.read(slot, hidden.to(memory.dtype), memory, call.return_stats, view)
+                r = hidden.shape[0] // memory.shape[0]
+                memory = memory.repeat_interleave(r, dim=0)
+                kv = None if kv is None else (kv[0].repeat_interleave(r, dim=0), kv[1].repeat_interleave(r, dim=0))
+            norm, gain = self._reading_norms[slot], self._reading_gains[slot]
+            if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
+                view = hidden * gain.to(hidden.device)
+            else:
+                view = norm(hidden) if norm is not None else None
+            delta, stats = self.controller.read(slot, hidden, memory, call.return_stats, view, kv)
             new = hidden + delta.to(hidden.dtype)
             if call.collect:
                 # keyed, so a recomputation overwrites instead of appending
-                call.hiddens[slot] = norm(new) if norm is not None else new
+                call.outputs[slot] = new
+                call.hiddens.pop(slot, None)
             if stats:
                 call.stats[slot] = stats
             return new
 
         return fn
+
+    def _make_norm_hook(self, slot: int):
+        """Keep what the base's reading norm makes of a hooked layer's output: the write needs it,
+        and the base computes it anyway (the next layer's input norm), so it costs nothing."""
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            call = self._call
+            # Identity, not equality: the norm's other inputs (our own ``view``, a checkpoint's
+            # detached copy) must not stand in for the layer's output.
+            if call is not None and call.collect and args and args[0] is call.outputs.get(slot):
+                call.hiddens[slot] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def _written_hiddens(self, call: _Call) -> list[torch.Tensor]:
+        """Per memory layer, its output through the base's reading norm (computed where the base did not)."""
+        out = []
+        for slot, norm in enumerate(self._reading_norms):
+            new = call.outputs[slot]
+            got = call.hiddens.get(slot)
+            if got is None or (new.requires_grad and not got.requires_grad):
+                got = norm(new) if norm is not None else new
+            out.append(got)
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -103,30 +140,53 @@ class MemoryModel(MemoryWrapper):
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
+        return self._segment(input_ids, mask, state, labels, write, return_stats, packed=False, **kwargs)
+
+    def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState) -> MemoryState:
+        # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
+        # packed to the left, which lets the segment skip its checks and mask arithmetic.
+        return self._segment(input_ids, mask, state, None, True, False, packed=True, logits_to_keep=1).memory_state
+
+    def _segment(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        state: MemoryState,
+        labels: torch.Tensor | None,
+        write: bool,
+        return_stats: bool,
+        packed: bool,
+        **kwargs: Any,
+    ) -> MemoryOutput:
+        """One checked segment (``mask`` bool). ``packed``: every row's real tokens come first."""
         if kwargs.get("position_ids") is None:
-            # Positions count real tokens only, so a left-padded sample sees what it sees alone.
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            if packed:  # real tokens sit at 0, 1, 2, ...; what padding gets is never read
+                kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            else:
+                # Positions count real tokens only, so a left-padded sample sees what it sees alone.
+                kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         if self._disabled:
             out = self.base(input_ids=input_ids, attention_mask=mask.long(), labels=labels, **kwargs)
-            return MemoryOutput(out.logits, getattr(out, "loss", None), memory_state or state)
-        has_tokens = mask.any(dim=1)
-        base_mask = mask.clone()
+            return MemoryOutput(out.logits, getattr(out, "loss", None), state)
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
-        base_mask[:, 0] |= ~has_tokens  # not boolean indexing: that would sync with the device
-        call = _Call(memory=state.memory, collect=write, return_stats=return_stats)
+        base_mask = mask.long()
+        if packed:  # a row with any token has one at 0
+            base_mask[:, 0] = 1
+        else:
+            base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
+        call = _Call(memory=state.memory, collect=write, return_stats=return_stats,
+                     kv=self.controller.read_keys_values(state.memory))
         if self._pass_kwarg:
             kwargs[_CALL_KWARG] = call
         self._call = call
         try:
-            out = self.base(input_ids=input_ids, attention_mask=base_mask.long(), labels=labels, **kwargs)
+            out = self.base(input_ids=input_ids, attention_mask=base_mask, labels=labels, **kwargs)
         finally:
             self._call = None
         new_state, stats = state, None
         if write:
-            hiddens = [call.hiddens[i].to(state.memory.dtype).masked_fill(~mask[..., None], 0.0)
-                       for i in range(len(self.config.layers))]
-            new_state, stats = self.controller.write(state, hiddens, mask, return_stats)
+            new_state, stats = self.controller.write(state, self._written_hiddens(call), mask, return_stats)
             if return_stats:
                 for i, st in enumerate(stats):
                     st.update(call.stats.get(i, {}))
@@ -146,16 +206,21 @@ class MemoryModel(MemoryWrapper):
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
-        self._call = _Call(memory=state.memory, collect=False)
+        self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory))
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)
         finally:
             self._call = None
 
     def _remove_hooks(self) -> None:
-        hooks = getattr(self, "_hooks", None)
-        if hooks is not None:
-            hooks.remove()
+        try:
+            hooks = getattr(self, "_hooks", None)
+            if hooks is not None:
+                hooks.remove()
+        finally:
+            for handle in getattr(self, "_norm_hooks", ()):
+                handle.remove()
+            self._norm_hooks = []
 
 
 def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> nn.Module:

@@ -120,8 +120,12 @@ class MemoryWrapper(nn.Module):
         self._check_read_budget(input_ids.shape[0], segment_length)
         segments = split_segments(input_ids, mask, segment_length, bos_token_id)
         for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
-            state = self(input_ids=seg_ids, attention_mask=seg_mask, memory_state=state, logits_to_keep=1).memory_state
+            state = self._read_step(seg_ids, seg_mask, state)
         return state.to("cpu") if self.config.offload_to_cpu else state
+
+    def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState) -> MemoryState:
+        """One segment of ``read`` (already checked and cut by ``split_segments``)."""
+        return self(input_ids=input_ids, attention_mask=mask, memory_state=state, logits_to_keep=1).memory_state
 
     @contextmanager
     def memory_disabled(self) -> Iterator[None]:

@@ -45,24 +45,32 @@ class MemoryAttentionGate(nn.Module):
         nn.init.constant_(self.gate.bias, gate_bias)
 
     def forward(
-        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None
+        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return the read-out to add to ``h`` (B, T, H) and optional statistics.
 
         Args:
-            h: hidden states (B, T, H) in the memory's dtype.
+            h: hidden states (B, T, H), any float dtype (only their RMS is used).
             memory: slots (B, S, D).
             return_stats: also return the mean output gate and the read-attention entropy.
             view: what the queries are made from (default ``h``); the model passes ``h`` through
                 the base's own norm, which tames the residual stream's outlier dimensions.
+            kv: the slots' keys and values (B, n, S, d) each, if already computed (the model computes
+                every layer's at once, once a segment); else made from ``memory`` here.
         """
-        q = split_heads(self.q(self.norm_h(h if view is None else view)), self.heads)
-        k, v = self.kv(self.norm_m(memory)).chunk(2, dim=-1)
-        k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        src = (h if view is None else view).to(self.q.weight.dtype)
+        q = split_heads(self.q(self.norm_h(src)), self.heads)
+        if kv is None:
+            k, v = self.kv(self.norm_m(memory)).chunk(2, dim=-1)
+            k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        else:
+            k, v = kv
         read = merge_heads(F.scaled_dot_product_attention(q, k, v))
         g_out = torch.sigmoid(self.gate(read))
-        scale = h.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-        delta = self.out(g_out * read) * scale
+        # RMS of h as one reduction, in fp32 without casting h first (fewer kernels in the hot path)
+        scale = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32)
+        delta = self.out(g_out * read) * (scale * h.shape[-1] ** -0.5)
         stats: dict[str, torch.Tensor] = {}
         if return_stats:
             with torch.no_grad():

@@ -44,6 +44,7 @@ class MemoryController(nn.Module):
             for _ in self.layer_ids
         )
         self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
+        self._stack_cache: dict[str, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -63,10 +64,11 @@ class MemoryController(nn.Module):
 
     def read(
         self, layer: int, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False,
-        view: torch.Tensor | None = None,
+        view: torch.Tensor | None = None, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Output phase at memory layer ``layer`` (position in ``layer_ids``)."""
-        return self.layers[layer].read(h, memory, return_stats, view)
+        """Output phase at memory layer ``layer`` (position in ``layer_ids``); ``kv``: this layer's
+        slot keys and values from ``read_keys_values`` (computed here when None)."""
+        return self.layers[layer].read(h, memory, return_stats, view, kv)
 
     def write(
         self,
@@ -79,7 +81,8 @@ class MemoryController(nn.Module):
 
         Args:
             state: the memory before the segment.
-            hiddens: per memory layer, the segment's hidden states (B, T, H) in the memory's dtype.
+            hiddens: per memory layer, the segment's hidden states (B, T, H), any float dtype
+                (what padding holds is never written).
             mask: (B, T) bool, True at real tokens.
             return_stats: also return per-layer instrumentation.
         """
@@ -94,7 +97,8 @@ class MemoryController(nn.Module):
             if cfg.addressing == "content+usage":
                 # Slots used more than average are written less: new facts go to free slots.
                 bias = -cfg.usage_weight * (usage - usage.mean(-1, keepdim=True))
-            m, g_in, st = layer.write(state.memory[:, i], hiddens[i], mask, bias, return_stats)
+            h = hiddens[i].to(state.memory.dtype).masked_fill(~mask[..., None], 0.0)
+            m, g_in, st = layer.write(state.memory[:, i], h, mask, bias, return_stats)
             new_mem.append(m)
             u = torch.where(has_tokens, cfg.usage_decay * usage + g_in, usage)
             written = g_in.detach() > cfg.write_threshold
@@ -114,27 +118,81 @@ class MemoryController(nn.Module):
         )
         return new_state, stats
 
+    def _stacked(self, group: str) -> dict[str, torch.Tensor]:
+        """Every layer's weights of ``group`` ("read" or "write") stacked on a leading L axis.
+
+        Without autograd the stack is cached until a parameter changes (optimizer steps and
+        ``load_state_dict`` bump parameter versions): per segment it would cost a few dozen kernel
+        launches, which dominate where small batches are launch-bound. With autograd it is rebuilt
+        on every call, so gradients reach each layer's own parameters.
+        """
+        params = list(self.parameters())
+        # Inference tensors (made under torch.inference_mode) keep no version counter: never cached.
+        cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
+        key = tuple((id(p), p._version, p.device, p.dtype) for p in params) if cacheable else None
+        cached = self._stack_cache.get(group)
+        if cacheable and cached is not None and cached[0] == key:
+            return cached[1]
+        layers = self.layers
+
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(layer) for layer in layers])  # (L, ...)
+
+        if group == "read":
+            w = {
+                "norm_m": stack(lambda m: m.read_gate.norm_m.weight)[:, None, None],  # (L, 1, 1, D)
+                "kv_t": stack(lambda m: m.read_gate.kv.weight).transpose(-1, -2)[:, None],  # (L, 1, D, 2D)
+            }
+        else:
+            w = {
+                "norm_m": stack(lambda m: m.norm_m.weight)[:, None, None],
+                "norm_h": stack(lambda m: m.norm_h.weight)[:, None, None],
+                "q_t": stack(lambda m: m.q.weight).transpose(-1, -2)[:, None],
+                "kv_t": stack(lambda m: m.kv.weight).transpose(-1, -2)[:, None],
+                "candidate_t": stack(lambda m: m.candidate.weight).transpose(-1, -2)[:, None],
+                "candidate_b": stack(lambda m: m.candidate.bias)[:, None, None],
+                "gates_t": torch.cat([stack(lambda m: m.input_gate.weight), stack(lambda m: m.forget_gate.weight)], 1
+                                     ).transpose(-1, -2)[:, None],
+                "gates_b": torch.cat([stack(lambda m: m.input_gate.bias), stack(lambda m: m.forget_gate.bias)], 1
+                                     )[:, None, None],
+            }
+        if cacheable:
+            self._stack_cache[group] = (key, w)
+        else:
+            self._stack_cache.pop(group, None)
+        return w
+
+    def read_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The read's keys and values of every layer's slots at once: memory (B, L, S, D) ->
+        two (L, B, n, S, d). The same maths as ``MemoryAttentionGate`` (one step a segment instead
+        of one a layer)."""
+        w = self._stacked("read")
+        gate = self.layers[0].read_gate
+        mem = memory.transpose(0, 1)  # (L, B, S, D)
+        d = mem.shape[-1]
+        kv = (F.rms_norm(mem, (d,), eps=gate.norm_m.eps) * w["norm_m"]) @ w["kv_t"]
+        kv = kv.unflatten(-1, (2, gate.heads, d // gate.heads)).permute(3, 0, 1, 4, 2, 5)  # (2, L, B, n, S, d)
+        return kv[0], kv[1]
+
     def _write_batched(self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor) -> MemoryState:
         """``write`` for every layer at once: the same maths as ``EnhancedMemoryLayer.write`` with the
         layers' weights stacked, so a segment's write launches a few dozen kernels instead of a few
         dozen per layer (where small batches are launch-bound, that is most of the write's cost)."""
         cfg = self.config
         layers = self.layers
-
-        def stack(get) -> torch.Tensor:
-            return torch.stack([get(layer) for layer in layers])  # (L, ...)
-
+        w = self._stacked("write")
         eps = layers[0].norm_m.eps
         mem = state.memory.transpose(0, 1)  # (L, B, S, D)
-        h = torch.stack(hiddens)  # (L, B, T, H)
+        # padding zeroed: what the base left there (even NaN) must not reach the slots through 0 * x
+        h = torch.stack(hiddens).to(mem.dtype).masked_fill(~mask[:, :, None], 0.0)  # (L, B, T, H)
         n_layers, b, s, d = mem.shape
         heads = layers[0].heads
         has_tokens = mask.any(dim=1)  # (B,)
         safe_mask = mask | ~has_tokens[:, None]
-        mn = F.rms_norm(mem, (d,), eps=eps) * stack(lambda m: m.norm_m.weight)[:, None, None]
-        hn = F.rms_norm(h, (h.shape[-1],), eps=layers[0].norm_h.eps) * stack(lambda m: m.norm_h.weight)[:, None, None]
-        q = mn @ stack(lambda m: m.q.weight).transpose(-1, -2)[:, None]
-        k, v = (hn @ stack(lambda m: m.kv.weight).transpose(-1, -2)[:, None]).chunk(2, dim=-1)
+        mn = F.rms_norm(mem, (d,), eps=eps) * w["norm_m"]
+        hn = F.rms_norm(h, (h.shape[-1],), eps=layers[0].norm_h.eps) * w["norm_h"]
+        q = mn @ w["q_t"]
+        k, v = (hn @ w["kv_t"]).chunk(2, dim=-1)
 
         def heads_of(x: torch.Tensor) -> torch.Tensor:  # (L, B, N, D) -> (L*B, n, N, d): 4-D for the fused kernels
             return x.flatten(0, 1).unflatten(-1, (heads, d // heads)).transpose(1, 2)
@@ -142,12 +200,9 @@ class MemoryController(nn.Module):
         attn_mask = safe_mask[None, :, None, None, :].expand(n_layers, -1, -1, -1, -1).flatten(0, 1)
         read = F.scaled_dot_product_attention(heads_of(q), heads_of(k), heads_of(v), attn_mask=attn_mask)
         read = read.transpose(1, 2).flatten(-2).unflatten(0, (n_layers, b))  # (L, B, S, D)
-        content = read @ stack(lambda m: m.candidate.weight).transpose(-1, -2)[:, None] + stack(
-            lambda m: m.candidate.bias)[:, None, None]
+        content = read @ w["candidate_t"] + w["candidate_b"]
         z = torch.cat([mn, content], dim=-1)
-        gates = z @ torch.cat([stack(lambda m: m.input_gate.weight), stack(lambda m: m.forget_gate.weight)], 1
-                              ).transpose(-1, -2)[:, None]
-        gates = gates + torch.cat([stack(lambda m: m.input_gate.bias), stack(lambda m: m.forget_gate.bias)], 1)[:, None, None]
+        gates = z @ w["gates_t"] + w["gates_b"]
         in_logits, f_logits = gates.chunk(2, dim=-1)
         usage = state.usage.transpose(0, 1)  # (L, B, S)
         if cfg.addressing == "content+usage":

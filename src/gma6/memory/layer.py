@@ -43,10 +43,11 @@ class EnhancedMemoryLayer(nn.Module):
         nn.init.constant_(self.forget_gate.bias, forget_bias)
 
     def read(
-        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None
+        self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Output phase: the read-out (B, T, H) to add to the residual stream (see MemoryAttentionGate)."""
-        return self.read_gate(h, memory, return_stats, view)
+        return self.read_gate(h, memory, return_stats, view, kv)
 
     def write(
         self,
