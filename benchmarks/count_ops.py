@@ -1,10 +1,12 @@
 #!/usr/bin/env python
-"""Count the operator calls of one segment: bare base vs memory read vs read + write.
+"""Count the operator calls (and, on CUDA, the kernel launches) of one segment: bare base vs the
+memory's read-only pass vs ``read``'s full segment step (read + write).
 
-Where the GPU is launch-bound (small batches), the memory's cost is roughly its share of extra
-operator launches; this measures that share on any machine (torch profiler, CPU ops).
+Where the GPU is launch-bound (small batches, a small model), the memory's cost is roughly its
+share of extra operator calls and kernel launches; this measures that share on any machine.
 
-    python benchmarks/count_ops.py [--model M] [--adapter DIR] [--tokens 64] [--out results/ops-cpu.json]
+    python benchmarks/count_ops.py [--model M] [--adapter DIR] [--tokens 64] [--device cpu] [--dtype float32]
+                                   [--out results/ops-cpu.json]
 """
 
 from __future__ import annotations
@@ -23,41 +25,78 @@ import gma6
 from gma6.base import default_adapter
 from gma6.io import atomic_write_text
 
+# aten operators that only make a new view of the same storage: no kernel, a little dispatch time
+VIEW_OPS = {"aten::view", "aten::transpose", "aten::unsqueeze", "aten::t", "aten::_unsafe_view", "aten::expand",
+            "aten::select", "aten::split", "aten::permute", "aten::detach", "aten::slice", "aten::alias",
+            "aten::squeeze", "aten::unbind", "aten::as_strided", "aten::chunk", "aten::reshape", "aten::unflatten",
+            "aten::flatten", "aten::narrow", "aten::view_as", "aten::expand_as", "aten::contiguous", "aten::lift_fresh"}
 
-def top_level_ops(fn) -> Counter:
-    """aten operators called from Python (not from inside another aten operator)."""
+
+def profile_segment(fn, cuda: bool) -> dict[str, Counter]:
+    """aten operators called from Python (not from inside another aten operator) and, on CUDA, kernels."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         fn()  # warm
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        if cuda:
+            torch.cuda.synchronize()
+        with profile(activities=activities) as prof:
             fn()
-    return Counter(e.name for e in prof.events()
-                   if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+            if cuda:
+                torch.cuda.synchronize()
+    events = prof.events()
+    ops = Counter(e.name for e in events if e.name.startswith("aten::")
+                  and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+    kernels = Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not e.name.startswith("Memcpy") and not e.name.startswith("Memset"))
+    return {"ops": ops, "kernels": kernels}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
-    ap.add_argument("--adapter", default=str(default_adapter()))
+    ap.add_argument("--adapter", default=str(default_adapter()),
+                    help="adapter folder, or 'fresh' for a new memory of the default config (what gma6 bench reads with)")
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="results/ops-cpu.json")
     args = ap.parse_args()
-    base, tok = gma6.load_base(args.model, progress=False)
-    mm = gma6.load_adapter(base, args.adapter)
-    ids = torch.randint(3, 1000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-    state = mm.init_state(1)
+    dtype = getattr(torch, args.dtype)
+    base, tok = gma6.load_base(args.model, dtype=dtype, device=args.device, progress=False)
+    mm = gma6.attach_memory(base) if args.adapter == "fresh" else gma6.load_adapter(base, args.adapter)
+    ids = torch.randint(3, 1000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    state = mm.init_state(args.batch)
+    cuda = torch.device(args.device).type == "cuda"
     with mm.memory_disabled():
-        bare = top_level_ops(lambda: mm.base(input_ids=ids, logits_to_keep=1))
-    read = top_level_ops(lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False))
-    both = top_level_ops(lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1))
-    n = {k: sum(c.values()) for k, c in (("base", bare), ("memory_read", read), ("memory_read_write", both))}
-    extra = both - bare
+        # as gma6 bench runs the bare base over segments
+        bare = profile_segment(lambda: mm.base(input_ids=ids, attention_mask=mask.long(), logits_to_keep=1), cuda)
+    read = profile_segment(lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False), cuda)
+    both = profile_segment(lambda: mm._read_step(ids, mask, state), cuda)
+    systems = {"base": bare, "memory_read": read, "memory_read_write": both}
+
+    def totals(c: Counter) -> dict[str, int]:
+        views = sum(n for k, n in c.items() if k in VIEW_OPS)
+        return {"all": sum(c.values()), "views": views, "compute": sum(c.values()) - views}
+
+    ops = {k: totals(v["ops"]) for k, v in systems.items()}
     result = {"command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d"),
-              "adapter": args.adapter, "memory_layers": mm.config.layers, "tokens": args.tokens, "ops": n,
-              "extra_over_base": {"read": round(n["memory_read"] / n["base"] - 1, 4),
-                                  "read_write": round(n["memory_read_write"] / n["base"] - 1, 4)},
-              "most_common_extra": extra.most_common(15)}
+              "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
+              "torch": torch.__version__, "adapter": args.adapter, "memory_layers": mm.config.layers,
+              "tokens": args.tokens, "batch": args.batch, "ops": ops,
+              "extra_over_base": {
+                  k: {kind: round(ops[k][kind] / ops["base"][kind] - 1, 4) for kind in ("all", "compute")}
+                  for k in ("memory_read", "memory_read_write")},
+              "most_common_extra": (both["ops"] - bare["ops"]).most_common(20)}
+    if cuda:
+        kernels = {k: sum(v["kernels"].values()) for k, v in systems.items()}
+        result["kernels"] = kernels
+        result["extra_over_base"]["kernels"] = {k: round(kernels[k] / kernels["base"] - 1, 4)
+                                                for k in ("memory_read", "memory_read_write")}
+        result["most_common_extra_kernels"] = (both["kernels"] - bare["kernels"]).most_common(15)
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("ops", "extra_over_base")}))
+    print(json.dumps({k: result[k] for k in ("ops", "extra_over_base")} | ({"kernels": result["kernels"]} if cuda else {})))
     print("wrote", args.out)
 
 
