@@ -16,6 +16,7 @@ from torch import nn
 from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, rms_gain
 from .memory import MemoryController
+from .memory.attention import read_dtype
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
 
@@ -55,6 +56,7 @@ class MemoryModel(MemoryWrapper):
             self._reading_norms = find_reading_norms(base, self.config.layers)
             # Where a reading norm is an RMSNorm, the read folds it into its own (see rms_gain).
             self._reading_gains = [None if n is None else rms_gain(n, self.config.hidden_size) for n in self._reading_norms]
+            self._gain_cache: dict[tuple, torch.Tensor] = {}
             self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
             self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
                                 for slot, n in enumerate(self._reading_norms) if n is not None]
@@ -76,7 +78,7 @@ class MemoryModel(MemoryWrapper):
                 kv = None if kv is None else (kv[0].repeat_interleave(r, dim=0), kv[1].repeat_interleave(r, dim=0))
             norm, gain = self._reading_norms[slot], self._reading_gains[slot]
             if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
-                view = hidden * gain.to(hidden.device)
+                view = hidden * self._gain(slot, hidden.device, read_dtype(hidden.dtype, memory.dtype, call.return_stats))
             else:
                 view = norm(hidden) if norm is not None else None
             delta, stats = self.controller.read(slot, hidden, memory, call.return_stats, view, kv)
@@ -90,6 +92,14 @@ class MemoryModel(MemoryWrapper):
             return new
 
         return fn
+
+    def _gain(self, slot: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # Cached per device and dtype: a cast a layer a segment would be a kernel launch each.
+        # The base is frozen, so its norms' gains never change while attached.
+        key = (slot, device, dtype)
+        if key not in self._gain_cache:
+            self._gain_cache[key] = self._reading_gains[slot].to(device, dtype)
+        return self._gain_cache[key]
 
     def _make_norm_hook(self, slot: int):
         """Keep what the base's reading norm makes of a hooked layer's output: the write needs it,
@@ -142,6 +152,10 @@ class MemoryModel(MemoryWrapper):
         state = self._prepare_state(memory_state, input_ids.shape[0])
         return self._segment(input_ids, mask, state, labels, write, return_stats, packed=False, **kwargs)
 
+    def _hidden_dtype(self) -> torch.dtype:
+        """The dtype of the base's residual stream (its embeddings'; a 4-bit base computes in those too)."""
+        return self.base.get_input_embeddings().weight.dtype
+
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState) -> MemoryState:
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
         # packed to the left, which lets the segment skip its checks and mask arithmetic.
@@ -175,8 +189,9 @@ class MemoryModel(MemoryWrapper):
             base_mask[:, 0] = 1
         else:
             base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
+        kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
         call = _Call(memory=state.memory, collect=write, return_stats=return_stats,
-                     kv=self.controller.read_keys_values(state.memory))
+                     kv=self.controller.read_keys_values(state.memory, kv_dtype))
         if self._pass_kwarg:
             kwargs[_CALL_KWARG] = call
         self._call = call
@@ -206,7 +221,8 @@ class MemoryModel(MemoryWrapper):
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
-        self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory))
+        kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
+        self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype))
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)
         finally:

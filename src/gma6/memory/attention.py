@@ -11,6 +11,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def version_key(params: list[torch.Tensor]) -> tuple | None:
+    """A key that changes whenever one of ``params`` does (optimizer steps, ``load_state_dict``),
+    or None where derived tensors must not be cached: under autograd (gradients must reach the
+    parameters themselves) or for inference tensors, which keep no version counter."""
+    if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+        return None
+    return tuple((id(p), p._version, p.device, p.dtype) for p in params)
+
+
+def read_dtype(h_dtype: torch.dtype, param_dtype: torch.dtype, return_stats: bool = False) -> torch.dtype:
+    """The dtype the read computes in: a half-precision base's own dtype at inference (why: no
+    casts of the (B, T, H) stream, tensor-core matmuls, half the bytes), else the memory's.
+    Training keeps fp32 (autocast decides there); the slots and the write stay fp32 always."""
+    if h_dtype in HALF and param_dtype not in HALF and not return_stats and not torch.is_grad_enabled():
+        return h_dtype
+    return param_dtype
+
+
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, N, D) -> (B, n, N, d)."""
     b, n, dim = x.shape
@@ -43,6 +64,7 @@ class MemoryAttentionGate(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, gate_bias)
+        self._half_cache: dict[torch.dtype, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     def forward(
         self, h: torch.Tensor, memory: torch.Tensor, return_stats: bool = False, view: torch.Tensor | None = None,
@@ -59,13 +81,16 @@ class MemoryAttentionGate(nn.Module):
             kv: the slots' keys and values (B, n, S, d) each, if already computed (the model computes
                 every layer's at once, once a segment); else made from ``memory`` here.
         """
+        dtype = read_dtype(h.dtype, self.q.weight.dtype, return_stats)
+        if dtype != self.q.weight.dtype:
+            return self._read_half(h, memory, view, kv, dtype), {}
         src = (h if view is None else view).to(self.q.weight.dtype)
         q = split_heads(self.q(self.norm_h(src)), self.heads)
         if kv is None:
             k, v = self.kv(self.norm_m(memory)).chunk(2, dim=-1)
             k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         else:
-            k, v = kv
+            k, v = (t.to(q.dtype) for t in kv)
         read = merge_heads(F.scaled_dot_product_attention(q, k, v))
         g_out = torch.sigmoid(self.gate(read))
         # RMS of h as one reduction, in fp32 without casting h first (fewer kernels in the hot path)
@@ -78,3 +103,36 @@ class MemoryAttentionGate(nn.Module):
                 stats["output_gate"] = g_out.mean(dim=(1, 2))
                 stats["read_entropy"] = -(att * att.clamp_min(1e-12).log()).sum(-1).mean(dim=(1, 2))
         return delta, stats
+
+    def _half_weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The read's token-side weights in ``dtype``, cached until a parameter changes."""
+        params = [self.norm_h.weight, self.q.weight, self.gate.weight, self.gate.bias, self.out.weight]
+        key = version_key(params)
+        cached = self._half_cache.get(dtype)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
+        w = dict(zip(("norm_h", "q", "gate", "gate_b", "out"), (p.detach().to(dtype) for p in params)))
+        w["out"] = (self.out.weight.detach() * self.out.weight.shape[0] ** -0.5).to(dtype)  # RMS = norm / sqrt(H)
+        if key is not None:
+            self._half_cache = {dtype: (key, w)}
+        return w
+
+    def _read_half(
+        self, h: torch.Tensor, memory: torch.Tensor, view: torch.Tensor | None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None, dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``forward``'s maths in the base's half precision (inference only; see ``read_dtype``)."""
+        w = self._half_weights(dtype)
+        src = (h if view is None else view).to(dtype)
+        q = split_heads(F.linear(F.rms_norm(src, (src.shape[-1],), w["norm_h"], self.norm_h.eps), w["q"]), self.heads)
+        if kv is None:
+            k, v = self.kv(self.norm_m(memory)).to(dtype).chunk(2, dim=-1)
+            k, v = split_heads(k, self.heads), split_heads(v, self.heads)
+        else:
+            k, v = (t.to(dtype) for t in kv)
+        read = merge_heads(F.scaled_dot_product_attention(q, k, v))
+        g_out = torch.sigmoid(F.linear(read, w["gate"], w["gate_b"]))
+        # the 1/sqrt(H) of the RMS sits in w["out"]; the norm accumulates in fp32 inside the kernel,
+        # and leaves it in fp32 where fp16's range could not hold it
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32 if dtype == torch.float16 else None)
+        return F.linear(g_out * read, w["out"]) * norm.to(dtype)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import GMA6Config
 from ..state import MemoryState
+from .attention import version_key
 from .layer import EnhancedMemoryLayer
 
 
@@ -126,12 +127,9 @@ class MemoryController(nn.Module):
         launches, which dominate where small batches are launch-bound. With autograd it is rebuilt
         on every call, so gradients reach each layer's own parameters.
         """
-        params = list(self.parameters())
-        # Inference tensors (made under torch.inference_mode) keep no version counter: never cached.
-        cacheable = not torch.is_grad_enabled() and not any(p.is_inference() for p in params)
-        key = tuple((id(p), p._version, p.device, p.dtype) for p in params) if cacheable else None
+        key = version_key(list(self.parameters()))
         cached = self._stack_cache.get(group)
-        if cacheable and cached is not None and cached[0] == key:
+        if key is not None and cached is not None and cached[0] == key:
             return cached[1]
         layers = self.layers
 
@@ -156,21 +154,22 @@ class MemoryController(nn.Module):
                 "gates_b": torch.cat([stack(lambda m: m.input_gate.bias), stack(lambda m: m.forget_gate.bias)], 1
                                      )[:, None, None],
             }
-        if cacheable:
+        if key is not None:
             self._stack_cache[group] = (key, w)
         else:
             self._stack_cache.pop(group, None)
         return w
 
-    def read_keys_values(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_keys_values(self, memory: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The read's keys and values of every layer's slots at once: memory (B, L, S, D) ->
-        two (L, B, n, S, d). The same maths as ``MemoryAttentionGate`` (one step a segment instead
-        of one a layer)."""
+        two (L, B, n, S, d), computed in the memory's dtype, returned in ``dtype`` (default: the
+        same). The same maths as ``MemoryAttentionGate`` (one step a segment instead of one a layer)."""
         w = self._stacked("read")
         gate = self.layers[0].read_gate
         mem = memory.transpose(0, 1)  # (L, B, S, D)
         d = mem.shape[-1]
         kv = (F.rms_norm(mem, (d,), eps=gate.norm_m.eps) * w["norm_m"]) @ w["kv_t"]
+        kv = kv if dtype is None else kv.to(dtype)  # one cast for every layer
         kv = kv.unflatten(-1, (2, gate.heads, d // gate.heads)).permute(3, 0, 1, 4, 2, 5)  # (2, L, B, n, S, d)
         return kv[0], kv[1]
 
