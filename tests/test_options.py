@@ -164,7 +164,11 @@ def test_offload_states_on_cpu_and_results_equal(monkeypatch):
 
     def spy(self, device=None, dtype=None):
         moves.append(str(device))
+        if isinstance(device, torch.device):  # only the move to the memory's device passes a torch.device
+            moves_in.append(device)
         return original(self, device, dtype)
+
+    moves_in = []
 
     monkeypatch.setattr(type(off.init_state(1)), "to", spy)
     x = _ids(t=40).to(device)
@@ -174,6 +178,7 @@ def test_offload_states_on_cpu_and_results_equal(monkeypatch):
     moves.clear()
     state = off.read(x, segment_length=8)
     assert moves.count("cpu") >= 5  # each of the 5 segments hands its state back to the CPU
+    assert len(moves_in) >= 5 and all(d == off.device for d in moves_in)  # ... and takes it to the memory's device first
     ref = plain.read(x, segment_length=8)
     assert state.memory.device.type == "cpu" and state.age.device.type == "cpu"
     assert torch.allclose(state.memory, ref.memory.cpu(), atol=1e-6)

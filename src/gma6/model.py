@@ -159,6 +159,7 @@ class MemoryModel(MemoryWrapper):
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState) -> MemoryState:
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
         # packed to the left, which lets the segment skip its checks and mask arithmetic.
+        state = state.to(self.device)  # offload_to_cpu keeps it on the CPU between segments
         return self._segment(input_ids, mask, state, None, True, False, packed=True, logits_to_keep=1).memory_state
 
     def _segment(
