@@ -46,9 +46,39 @@ def profile_segment(fn, cuda: bool) -> dict[str, Counter]:
     events = prof.events()
     ops = Counter(e.name for e in events if e.name.startswith("aten::")
                   and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
-    kernels = Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                      and not e.name.startswith("Memcpy") and not e.name.startswith("Memset"))
-    return {"ops": ops, "kernels": kernels}
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+           and not e.name.startswith("Memcpy") and not e.name.startswith("Memset")]
+    kernels = Counter(e.name for e in gpu)
+    return {"ops": ops, "kernels": kernels, "kernel_us": sum(e.device_time for e in gpu)}
+
+
+def host_syncs(fn) -> int:
+    """How many times ``fn`` makes the host wait for the GPU (each costs the CPU/GPU overlap)."""
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+def wall_ms(fn, cuda: bool, n: int = 20) -> float:
+    """Mean wall time of ``fn`` (after a warm call): with ``kernel_us`` it tells launch-bound
+    (wall well above the kernels' own time) from compute-bound."""
+    with torch.no_grad():
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
 
 
 def main() -> None:
@@ -69,12 +99,20 @@ def main() -> None:
     mask = torch.ones_like(ids, dtype=torch.bool)
     state = mm.init_state(args.batch)
     cuda = torch.device(args.device).type == "cuda"
-    with mm.memory_disabled():
-        # as gma6 bench runs the bare base over segments
-        bare = profile_segment(lambda: mm.base(input_ids=ids, attention_mask=mask.long(), logits_to_keep=1), cuda)
-    read = profile_segment(lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False), cuda)
-    both = profile_segment(lambda: mm._read_step(ids, mask, state), cuda)
-    systems = {"base": bare, "memory_read": read, "memory_read_write": both}
+    def run_bare() -> None:
+        with mm.memory_disabled():  # as gma6 bench runs the bare base over segments
+            mm.base(input_ids=ids, attention_mask=mask.long(), logits_to_keep=1)
+
+    fns = {"base": run_bare,
+           "memory_read": lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False),
+           "memory_read_write": lambda: mm._read_step(ids, mask, state)}
+    systems = {k: profile_segment(f, cuda) for k, f in fns.items()}
+    bare, both = systems["base"], systems["memory_read_write"]
+    # alternating, so drifting clocks touch every system alike
+    walls: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(3):
+        for k, f in fns.items():
+            walls[k].append(wall_ms(f, cuda))
 
     def totals(c: Counter) -> dict[str, int]:
         views = sum(n for k, n in c.items() if k in VIEW_OPS)
@@ -89,14 +127,19 @@ def main() -> None:
                   k: {kind: round(ops[k][kind] / ops["base"][kind] - 1, 4) for kind in ("all", "compute")}
                   for k in ("memory_read", "memory_read_write")},
               "most_common_extra": (both["ops"] - bare["ops"]).most_common(20)}
+    result["wall_ms_per_segment"] = {k: round(min(v), 3) for k, v in walls.items()}
+    result["wall_over_base"] = {k: round(min(walls[k]) / min(walls["base"]), 4) for k in walls}
     if cuda:
+        result["kernel_ms_per_segment"] = {k: round(v["kernel_us"] / 1e3, 3) for k, v in systems.items()}
+        result["host_syncs_per_segment"] = {k: host_syncs(f) for k, f in fns.items()}
         kernels = {k: sum(v["kernels"].values()) for k, v in systems.items()}
         result["kernels"] = kernels
         result["extra_over_base"]["kernels"] = {k: round(kernels[k] / kernels["base"] - 1, 4)
                                                 for k in ("memory_read", "memory_read_write")}
         result["most_common_extra_kernels"] = (both["kernels"] - bare["kernels"]).most_common(15)
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("ops", "extra_over_base")} | ({"kernels": result["kernels"]} if cuda else {})))
+    keys = ("ops", "extra_over_base", "wall_ms_per_segment", "wall_over_base") + (("kernels", "kernel_ms_per_segment", "host_syncs_per_segment") if cuda else ())
+    print(json.dumps({k: result[k] for k in keys}))
     print("wrote", args.out)
 
 
