@@ -50,11 +50,11 @@ def test_read_keys_values_of_all_layers_equal_each_gate_own():
     ctl = _controller()
     memory = torch.randn(2, 3, 4, 16)
     h = torch.randn(2, 5, 32)
-    k, v = ctl.read_keys_values(memory)
-    assert k.shape == v.shape == (3, 2, 2, 4, 8)  # (L, B, n, S, d)
+    kv = ctl.read_keys_values(memory)
+    assert len(kv) == 3 and all(k.shape == v.shape == (2, 2, 4, 8) for k, v in kv)  # per layer (B, n, S, d)
     for i in range(3):
         own, _ = ctl.read(i, h, memory[:, i])
-        shared, _ = ctl.read(i, h, memory[:, i], kv=(k[i], v[i]))
+        shared, _ = ctl.read(i, h, memory[:, i], kv=kv[i])
         assert torch.allclose(own, shared, atol=1e-6)
 
 

@@ -33,7 +33,7 @@ class _Call:
     memory: torch.Tensor
     collect: bool
     return_stats: bool = False
-    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # every layer's slot keys and values (L, B, n, S, d)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per memory layer, its slot keys and values
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -70,8 +70,10 @@ class MemoryModel(MemoryWrapper):
             call = kwargs.get(_CALL_KWARG) or self._call
             if call is None or self._disabled:
                 return None
-            memory = call.memory[:, slot]
-            kv = None if call.kv is None else (call.kv[0][slot], call.kv[1][slot])
+            # Every tensor op here is a kernel launch or a dispatch a layer a segment, which is what
+            # a launch-bound GPU pays for: index and cast only where needed.
+            memory = call.memory
+            kv = None if call.kv is None else call.kv[slot]
             if memory.shape[0] != hidden.shape[0]:  # generate() expanded the batch (beams, samples)
                 r = hidden.shape[0] // memory.shape[0]
                 memory = memory.repeat_interleave(r, dim=0)
@@ -81,8 +83,8 @@ class MemoryModel(MemoryWrapper):
                 view = hidden * self._gain(slot, hidden.device, read_dtype(hidden.dtype, memory.dtype, call.return_stats))
             else:
                 view = norm(hidden) if norm is not None else None
-            delta, stats = self.controller.read(slot, hidden, memory, call.return_stats, view, kv)
-            new = hidden + delta.to(hidden.dtype)
+            delta, stats = self.controller.read(slot, hidden, memory[:, slot], call.return_stats, view, kv)
+            new = hidden + (delta if delta.dtype == hidden.dtype else delta.to(hidden.dtype))
             if call.collect:
                 # keyed, so a recomputation overwrites instead of appending
                 call.outputs[slot] = new

@@ -123,16 +123,20 @@ class MemoryAttentionGate(nn.Module):
     ) -> torch.Tensor:
         """``forward``'s maths in the base's half precision (inference only; see ``read_dtype``)."""
         w = self._half_weights(dtype)
-        src = (h if view is None else view).to(dtype)
+        src = h if view is None else view
+        src = src if src.dtype == dtype else src.to(dtype)
         q = split_heads(F.linear(F.rms_norm(src, (src.shape[-1],), w["norm_h"], self.norm_h.eps), w["q"]), self.heads)
         if kv is None:
             k, v = self.kv(self.norm_m(memory)).to(dtype).chunk(2, dim=-1)
             k, v = split_heads(k, self.heads), split_heads(v, self.heads)
         else:
-            k, v = (t.to(dtype) for t in kv)
+            k, v = kv if kv[0].dtype == dtype else (t.to(dtype) for t in kv)
         read = merge_heads(F.scaled_dot_product_attention(q, k, v))
         g_out = torch.sigmoid(F.linear(read, w["gate"], w["gate_b"]))
         # the 1/sqrt(H) of the RMS sits in w["out"]; the norm accumulates in fp32 inside the kernel,
         # and leaves it in fp32 where fp16's range could not hold it
-        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32 if dtype == torch.float16 else None)
-        return F.linear(g_out * read, w["out"]) * norm.to(dtype)
+        if dtype == torch.float16:
+            norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32).to(dtype)
+        else:
+            norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        return F.linear(g_out * read, w["out"]) * norm

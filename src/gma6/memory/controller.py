@@ -160,18 +160,21 @@ class MemoryController(nn.Module):
             self._stack_cache.pop(group, None)
         return w
 
-    def read_keys_values(self, memory: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The read's keys and values of every layer's slots at once: memory (B, L, S, D) ->
-        two (L, B, n, S, d), computed in the memory's dtype, returned in ``dtype`` (default: the
-        same). The same maths as ``MemoryAttentionGate`` (one step a segment instead of one a layer)."""
+    def read_keys_values(
+        self, memory: torch.Tensor, dtype: torch.dtype | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The read's keys and values of every layer's slots at once: memory (B, L, S, D) -> per
+        layer ``(k, v)``, each (B, n, S, d), computed in the memory's dtype, returned in ``dtype``
+        (default: the same). The same maths as ``MemoryAttentionGate`` (one step a segment instead
+        of one a layer)."""
         w = self._stacked("read")
         gate = self.layers[0].read_gate
         mem = memory.transpose(0, 1)  # (L, B, S, D)
         d = mem.shape[-1]
         kv = (F.rms_norm(mem, (d,), eps=gate.norm_m.eps) * w["norm_m"]) @ w["kv_t"]
         kv = kv if dtype is None else kv.to(dtype)  # one cast for every layer
-        kv = kv.unflatten(-1, (2, gate.heads, d // gate.heads)).permute(3, 0, 1, 4, 2, 5)  # (2, L, B, n, S, d)
-        return kv[0], kv[1]
+        kv = kv.unflatten(-1, (2, gate.heads, d // gate.heads)).permute(0, 3, 1, 4, 2, 5)  # (L, 2, B, n, S, d)
+        return [(k, v) for k, v in (layer.unbind(0) for layer in kv.unbind(0))]
 
     def _write_batched(self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor) -> MemoryState:
         """``write`` for every layer at once: the same maths as ``EnhancedMemoryLayer.write`` with the
