@@ -101,11 +101,11 @@ def main() -> None:
     cuda = torch.device(args.device).type == "cuda"
     def run_bare() -> None:
         with mm.memory_disabled():  # as gma6 bench runs the bare base over segments
-            mm.base(input_ids=ids, attention_mask=mask.long(), logits_to_keep=1)
+            mm.base(input_ids=ids, logits_to_keep=1)  # a full segment gets no padding mask, as in read()
 
     fns = {"base": run_bare,
            "memory_read": lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False),
-           "memory_read_write": lambda: mm._read_step(ids, mask, state)}
+           "memory_read_write": lambda: mm._read_step(ids, mask, state, full=True)}
     systems = {k: profile_segment(f, cuda) for k, f in fns.items()}
     bare, both = systems["base"], systems["memory_read_write"]
     # alternating, so drifting clocks touch every system alike

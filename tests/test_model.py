@@ -307,3 +307,20 @@ def test_half_precision_read_computes_in_the_base_dtype_and_is_as_close_to_fp32(
     for f, s, r in zip(fast, slow, ref):
         err_fast, err_slow = (f - r).norm() / r.norm(), (s - r).norm() / r.norm()
         assert err_fast < 0.05 and err_fast <= 1.5 * err_slow, (err_fast, err_slow)
+
+
+def test_read_gives_the_base_no_padding_mask_where_a_segment_has_no_padding(tiny_model):
+    """transformers checks a given padding mask on the host (a device sync); full segments skip it."""
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    _perturb(mm)
+    seen = []
+    spy = tiny_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask") is None), with_kwargs=True)
+    try:
+        ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(8))
+        mask = torch.ones_like(ids)
+        mask[1, 14:] = 0  # row 1 ends inside the second segment
+        mm.read(ids, segment_length=8, attention_mask=mask)
+    finally:
+        spy.remove()
+    assert seen == [True, False, False]  # segment 0 is full in both rows; 1 and 2 hold padding

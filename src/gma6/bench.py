@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GMA6Config
-from .model import MemoryModel, attach_memory, split_segments
+from .model import MemoryModel, attach_memory, full_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
 
 SYSTEMS = ("base_segments", "memory", "base_full")
@@ -254,8 +254,10 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
         @torch.no_grad()
         def run() -> None:
             mask = torch.ones_like(ids, dtype=torch.bool)
-            for seg_ids, seg_mask in split_segments(ids, mask, segment):
-                base(input_ids=seg_ids, attention_mask=seg_mask.long(), logits_to_keep=1)
+            segments = split_segments(ids, mask, segment)
+            # as the memory's read does: no padding mask where a segment has no padding
+            for (seg_ids, seg_mask), full in zip(segments, full_segments(segments)):
+                base(input_ids=seg_ids, attention_mask=None if full else seg_mask.long(), logits_to_keep=1)
 
         return run
     if system == "base_full":

@@ -158,11 +158,12 @@ class MemoryModel(MemoryWrapper):
         """The dtype of the base's residual stream (its embeddings'; a 4-bit base computes in those too)."""
         return self.base.get_input_embeddings().weight.dtype
 
-    def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState) -> MemoryState:
+    def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
         # packed to the left, which lets the segment skip its checks and mask arithmetic.
         state = state.to(self.device)  # offload_to_cpu keeps it on the CPU between segments
-        return self._segment(input_ids, mask, state, None, True, False, packed=True, logits_to_keep=1).memory_state
+        return self._segment(input_ids, mask, state, None, True, False, packed=True, full=full,
+                             logits_to_keep=1).memory_state
 
     def _segment(
         self,
@@ -173,9 +174,11 @@ class MemoryModel(MemoryWrapper):
         write: bool,
         return_stats: bool,
         packed: bool,
+        full: bool = False,
         **kwargs: Any,
     ) -> MemoryOutput:
-        """One checked segment (``mask`` bool). ``packed``: every row's real tokens come first."""
+        """One checked segment (``mask`` bool). ``packed``: every row's real tokens come first;
+        ``full``: every position is a real token (the base then gets no mask to check)."""
         if kwargs.get("position_ids") is None:
             if packed:  # real tokens sit at 0, 1, 2, ...; what padding gets is never read
                 kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
@@ -187,8 +190,10 @@ class MemoryModel(MemoryWrapper):
             return MemoryOutput(out.logits, getattr(out, "loss", None), state)
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
-        base_mask = mask.long()
-        if packed:  # a row with any token has one at 0
+        base_mask: torch.Tensor | None = mask.long()
+        if full:  # transformers checks a given padding mask on the host (a sync per mask type)
+            base_mask = None
+        elif packed:  # a row with any token has one at 0
             base_mask[:, 0] = 1
         else:
             base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
@@ -292,6 +297,14 @@ def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     if not mask.any():
         raise ValueError("the input has no real token (attention_mask is all zero)")
     return input_ids, mask
+
+
+def full_segments(segments: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
+    """For each segment of ``split_segments``, whether every position holds a real token
+    (one host sync for all of them)."""
+    if not segments:
+        return []
+    return [bool(x) for x in torch.stack([m.all() for _, m in segments]).tolist()]
 
 
 def split_segments(

@@ -112,19 +112,21 @@ class MemoryWrapper(nn.Module):
         """
         from tqdm.auto import tqdm
 
-        from .model import _check_input, split_segments  # model builds on this module
+        from .model import _check_input, full_segments, split_segments  # model builds on this module
 
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         self._check_read_budget(input_ids.shape[0], segment_length)
         segments = split_segments(input_ids, mask, segment_length, bos_token_id)
-        for seg_ids, seg_mask in tqdm(segments, desc="reading", unit="segment", disable=not progress):
-            state = self._read_step(seg_ids, seg_mask, state)
+        full = full_segments(segments)
+        for (seg_ids, seg_mask), f in tqdm(zip(segments, full), total=len(segments), desc="reading", unit="segment",
+                                           disable=not progress):
+            state = self._read_step(seg_ids, seg_mask, state, f)
         return state.to("cpu") if self.config.offload_to_cpu else state
 
-    def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState) -> MemoryState:
-        """One segment of ``read`` (already checked and cut by ``split_segments``)."""
+    def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
+        """One segment of ``read`` (already checked and cut by ``split_segments``; ``full``: no padding)."""
         return self(input_ids=input_ids, attention_mask=mask, memory_state=state, logits_to_keep=1).memory_state
 
     @contextmanager
