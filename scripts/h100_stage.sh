@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One of the staging runs on the lent GPU (../shared/GPU.md): copy the carried pieces to /tmp/g.
 # Pieces: the GGUF's four .part0k chunks, or, when the tree is too big for a 61 MiB chunk to travel
-# with it, 45 MiB pieces made with: cat .device/gemma/*.part0? | split -b 45M -d -a 1 - .device/g2/p
+# with it (a call carries at most 64 MiB with the tree; the tree is ~31 MB since session 4), 32 MiB
+# pieces made with: cat .device/gemma/*.part0? | split -b 32M -d -a 1 - .device/g4/p  (p0 ... p7).
+# Carry one directory's pieces only: the prepare step concatenates every p? it finds in /tmp/g.
 # Wheels too large to travel beside the tree (bitsandbytes) go in .device/bnb/, carried alone.
 # Each call carries only some of these: copy whichever came (no set -e: the other globs match nothing).
 mkdir -p /tmp/g
