@@ -111,7 +111,7 @@ class MemoryAttentionGate(nn.Module):
         cached = self._half_cache.get(dtype)
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
-        w = dict(zip(("norm_h", "q", "gate", "gate_b", "out"), (p.detach().to(dtype) for p in params)))
+        w = dict(zip(("norm_h", "q", "gate", "gate_b"), (p.detach().to(dtype) for p in params[:-1])))
         w["out"] = (self.out.weight.detach() * self.out.weight.shape[0] ** -0.5).to(dtype)  # RMS = norm / sqrt(H)
         if key is not None:
             self._half_cache = {dtype: (key, w)}
