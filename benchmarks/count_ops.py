@@ -52,18 +52,29 @@ def profile_segment(fn, cuda: bool) -> dict[str, Counter]:
     return {"ops": ops, "kernels": kernels, "kernel_us": sum(e.device_time for e in gpu)}
 
 
-def host_syncs(fn) -> int:
-    """How many times ``fn`` makes the host wait for the GPU (each costs the CPU/GPU overlap)."""
+def host_syncs(fn) -> tuple[int, Counter]:
+    """How many times ``fn`` makes the host wait for the GPU (each costs the CPU/GPU overlap), and
+    where: the innermost frames outside torch of each sync, counted."""
+    import traceback
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    where: Counter = Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        where[" < ".join(f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in frames[-3:][::-1])] += 1
+
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum(where.values()), where
 
 
 def wall_ms(fn, cuda: bool, n: int = 20) -> float:
@@ -101,7 +112,7 @@ def main() -> None:
     cuda = torch.device(args.device).type == "cuda"
     def run_bare() -> None:
         with mm.memory_disabled():  # as gma6 bench runs the bare base over segments
-            mm.base(input_ids=ids, logits_to_keep=1)  # a full segment gets no padding mask, as in read()
+            mm.base(input_ids=ids, logits_to_keep=1, use_cache=False)  # a full segment gets no padding mask, as in read()
 
     fns = {"base": run_bare,
            "memory_read": lambda: mm(input_ids=ids, memory_state=state, logits_to_keep=1, write=False),
@@ -131,7 +142,9 @@ def main() -> None:
     result["wall_over_base"] = {k: round(min(walls[k]) / min(walls["base"]), 4) for k in walls}
     if cuda:
         result["kernel_ms_per_segment"] = {k: round(v["kernel_us"] / 1e3, 3) for k, v in systems.items()}
-        result["host_syncs_per_segment"] = {k: host_syncs(f) for k, f in fns.items()}
+        syncs = {k: host_syncs(f) for k, f in fns.items()}
+        result["host_syncs_per_segment"] = {k: n for k, (n, _) in syncs.items()}
+        result["host_syncs_where"] = {k: dict(where.most_common()) for k, (_, where) in syncs.items()}
         kernels = {k: sum(v["kernels"].values()) for k, v in systems.items()}
         result["kernels"] = kernels
         result["extra_over_base"]["kernels"] = {k: round(kernels[k] / kernels["base"] - 1, 4)

@@ -83,3 +83,27 @@ def test_a_controller_made_under_inference_mode_writes_without_caching():
         state = ctl.init_state(2)
         out, _ = ctl.write(state, [torch.randn(2, 5, 32) for _ in range(3)], torch.ones(2, 5, dtype=torch.bool))
     assert torch.isfinite(out.memory).all() and "write" not in ctl._stack_cache
+
+
+def test_a_full_segment_write_skips_masking_and_writes_the_same():
+    ctl = _controller()
+    state = ctl.init_state(2)
+    state = ctl.write(state, [torch.randn(2, 5, 32) for _ in range(3)], torch.ones(2, 5, dtype=torch.bool))[0]
+    hiddens = [torch.randn(2, 7, 32) for _ in range(3)]
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    with torch.no_grad():
+        masked, _ = ctl.write(state, hiddens, mask)
+        full, _ = ctl.write(state, hiddens, mask, full=True)
+    for name in ("memory", "usage", "age", "tokens_read"):
+        assert torch.equal(getattr(full, name), getattr(masked, name)), name
+    assert full.tokens_read.dtype == torch.long and full.segments_read == masked.segments_read
+
+
+def test_stacked_weights_follow_a_parameter_given_new_data():
+    ctl = _controller()
+    with torch.no_grad():
+        before = ctl._stacked("write")["candidate_t"].clone()
+        weight = ctl.layers[0].candidate.weight
+        weight.data = torch.randn_like(weight)  # no version bump, new storage
+        after = ctl._stacked("write")["candidate_t"]
+    assert torch.equal(after[0], weight.t()) and not torch.equal(after[0], before[0])

@@ -96,3 +96,28 @@ def test_memory_disabled_is_the_bare_base_without_lora():
         assert torch.allclose(mm(input_ids=x).logits, ref, atol=1e-6)
     assert all(p.requires_grad for p in params)  # still trainable after the block
     assert torch.equal(mm(input_ids=x).logits, with_lora)
+
+
+def test_in_context_training_changes_only_lora_and_sees_the_whole_context(tmp_path):
+    base = tiny_gemma3(vocab=128)
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    mm = attach_memory(base, GMA6Config(**SMALL))
+    memory = {n: p.detach().clone() for n, p in mm.controller.named_parameters()}
+    seen = []
+    handle = base.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    cfg = TrainConfig(curriculum=[2], steps_per_stage=3, batch_size=2, segment_length=48, lora_rank=4, warmup_steps=1,
+                      log_every=1, in_context=True)
+    try:
+        train(mm, TOK, cfg, tmp_path, progress=False)
+    finally:
+        handle.remove()
+    assert min(seen) > 48  # one window longer than a segment: context and question together
+    assert any(float(p.abs().sum()) > 0 for n, p in base.named_parameters() if "lora_B" in n)
+    for n, p in base.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen[n.replace(".base_layer", "")]), n
+    for n, p in mm.controller.named_parameters():
+        assert torch.equal(p, memory[n]), n  # the memory is switched off: untouched
+    with pytest.raises(ValueError, match="other settings"):  # a memory run cannot resume it
+        train(mm, TOK, TrainConfig(**{**cfg.__dict__, "in_context": False, "steps_per_stage": 4}), tmp_path,
+              progress=False)

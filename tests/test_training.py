@@ -104,7 +104,8 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     "kwargs, words",
     [({"tasks": ["qa9"]}, "qa9"), ({"curriculum": []}, "curriculum"), ({"lr": 0}, "lr=0"),
      ({"segment_length": 8}, "segment_length=8"), ({"batch_size": 0}, "batch_size=0"),
-     ({"bptt_segments": 0}, "bptt_segments=0")],
+     ({"bptt_segments": 0}, "bptt_segments=0"), ({"in_context": True}, "in_context.*lora_rank"),
+     ({"in_context": True, "lora_rank": 2, "kl_weight": 1.0}, "in_context.*kl_weight")],
 )
 def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -215,3 +216,41 @@ def test_context_terms_recomputed_in_backward_give_the_same_values_and_gradients
     assert context_terms(logits, target, valid)[1] is None
     same = context_terms(bare, target, valid, bare)[1]
     assert abs(float(same)) < 1e-6  # KL of a distribution to itself
+
+
+def test_in_context_prompts_put_bos_context_question_and_answer_in_one_left_padded_row():
+    from gma6.episodes import Episode, collate, collate_questions
+    from gma6.training import in_context_prompts
+
+    a = Episode(context=[10, 11, 12], question=[20, 21], answer=[30])
+    b = Episode(context=[13], question=[22], answer=[31, 32])
+    ids, mask, answer = in_context_prompts(collate([a, b], 1, 0), 1)
+    assert ids.tolist() == [[1, 10, 11, 12, 20, 21, 30], [0, 0, 1, 13, 22, 31, 32]]
+    assert mask.tolist() == [[True] * 7, [False] * 2 + [True] * 5]
+    assert answer.tolist() == [[False] * 6 + [True], [False] * 5 + [True, True]]
+    # several questions about one context: each row carries its own source's context
+    q = Episode(context=[], question=[23], answer=[33])
+    ids, _, _ = in_context_prompts(collate_questions([a, b], [a, q, b], [0, 0, 1], 1, 0), 1)
+    assert ids[1].tolist() == [0, 1, 10, 11, 12, 23, 33]
+
+
+def test_validate_in_context_scores_the_base_on_the_whole_prompt():
+    from gma6.episodes import collate, encode_episode
+    from gma6.data.generator import derive_seed, generate_sample
+    from gma6.training import _answer_terms, _in_context_losses, in_context_prompts, validate
+
+    mm = fresh()
+    got = validate(mm, TOK, ["qa1", "qa2"], 60, n=3, segment_length=48, in_context=True)
+    assert set(got) == {"qa1", "qa2"} and all(0.0 <= v <= 1.0 for v in got.values())
+    # by hand: the bare base over BOS + context + question + answer, positions counting real tokens
+    samples = [generate_sample("qa1", 60, derive_seed("test", "qa1", i, 0), TOK, split="test") for i in range(3)]
+    batch = collate([encode_episode(x, TOK) for x in samples], TOK.bos_token_id, 0)
+    ids, mask, answer = in_context_prompts(batch, TOK.bos_token_id)
+    k = int(answer.sum(1).max())
+    with torch.no_grad():
+        logits = mm.base(input_ids=ids, attention_mask=mask.long(), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0),
+                         logits_to_keep=k + 1).logits
+        want_loss, want_acc = _answer_terms(logits, ids, answer, k)
+        loss, acc = _in_context_losses(mm, batch, TOK.bos_token_id)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5) and float(want_loss) > 0.1
+    assert got["qa1"] == pytest.approx(float(want_acc)) == pytest.approx(float(acc))

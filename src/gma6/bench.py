@@ -249,6 +249,7 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
 
     if system == "memory":
         return lambda: mm.read(ids, segment_length=segment)
+    # No system keeps a KV cache: none reads it, and the one-pass base's would grow with the context.
     if system == "base_segments":
 
         @torch.no_grad()
@@ -257,14 +258,15 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
             segments = split_segments(ids, mask, segment)
             # as the memory's read does: no padding mask where a segment has no padding
             for (seg_ids, seg_mask), full in zip(segments, full_segments(segments)):
-                base(input_ids=seg_ids, attention_mask=None if full else seg_mask.long(), logits_to_keep=1)
+                base(input_ids=seg_ids, attention_mask=None if full else seg_mask.long(), logits_to_keep=1,
+                     use_cache=False)
 
         return run
     if system == "base_full":
 
         @torch.no_grad()
         def run_full() -> None:
-            base(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+            base(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1, use_cache=False)
 
         return run_full
     raise ValueError(f"unknown system {system!r}")
@@ -273,6 +275,7 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
 def _estimate(system: str, mm: MemoryModel, batch: int, context: int, segment: int | None) -> float:
     if system == "memory":
         return estimate_peak_bytes(mm, batch, segment) / GiB
+    # No system keeps a KV cache: none reads it, and the one-pass base's would grow with the context.
     if system == "base_segments":
         return estimate_peak_bytes(mm.base, batch, segment) / GiB
     return estimate_peak_bytes(mm.base, batch, context) / GiB

@@ -179,6 +179,8 @@ class MemoryModel(MemoryWrapper):
     ) -> MemoryOutput:
         """One checked segment (``mask`` bool). ``packed``: every row's real tokens come first;
         ``full``: every position is a real token (the base then gets no mask to check)."""
+        # MemoryOutput carries no KV cache; building one costs the base a few ops a layer
+        kwargs.setdefault("use_cache", False)
         if kwargs.get("position_ids") is None:
             if packed:  # real tokens sit at 0, 1, 2, ...; what padding gets is never read
                 kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
@@ -209,7 +211,7 @@ class MemoryModel(MemoryWrapper):
             self._call = None
         new_state, stats = state, None
         if write:
-            new_state, stats = self.controller.write(state, self._written_hiddens(call), mask, return_stats)
+            new_state, stats = self.controller.write(state, self._written_hiddens(call), mask, return_stats, full)
             if return_stats:
                 for i, st in enumerate(stats):
                     st.update(call.stats.get(i, {}))

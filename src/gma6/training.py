@@ -60,6 +60,9 @@ class TrainConfig:
         kl_weight: weight of KL(bare base || memory model) over the next token at the same positions:
             zero for an untrained memory, so it asks only that the memory change nothing it need not
             (an extra forward of the bare base per context segment, without gradients).
+        in_context: a ceiling, not a memory: the base reads ``BOS + context + question`` in one
+            window with the memory switched off and only its LoRA trained (needs ``lora_rank``).
+            What the base can learn of the tasks when it sees every fact at once.
     """
 
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
@@ -82,6 +85,7 @@ class TrainConfig:
     lm_positions: int = 16
     kl_weight: float = 0.0
     questions_per_context: int = 1
+    in_context: bool = False
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
@@ -113,6 +117,9 @@ class TrainConfig:
             raise ValueError(f"lm_positions={self.lm_positions!r}: expected a positive int")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
+        if self.in_context and (self.lora_rank == 0 or self.lm_weight or self.kl_weight or self.bptt_segments):
+            raise ValueError("in_context trains the base's LoRA on whole-context prompts: it needs lora_rank > 0 and "
+                             "takes no lm_weight, kl_weight or bptt_segments")
 
     @property
     def total_steps(self) -> int:
@@ -218,14 +225,61 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     # Logits only where they predict answer tokens: the vocabulary is 262k wide.
     out = model(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=state,
                 write=False, logits_to_keep=answer_len + 1)
-    logits = out.logits[:, :-1].float()
-    targets = batch.question[:, -answer_len:]
-    mask = batch.answer_mask[:, -answer_len:]
-    loss = F.cross_entropy(logits[mask], targets[mask])
-    correct = (logits.argmax(-1) == targets) | ~mask
+    loss, acc = _answer_terms(out.logits, batch.question, batch.answer_mask, answer_len)
     lm = torch.stack(lm_terms).mean() if lm_terms else None
     kl_loss = torch.stack(kl_terms).mean() if kl_terms else None
-    return loss, correct.all(1).float().mean(), lm, kl_loss
+    return loss, acc, lm, kl_loss
+
+
+def in_context_prompts(batch: Batch, bos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``BOS + context + question + answer`` per question, left-padded so every answer ends at the
+    last position: (ids, mask, answer_mask), each (B', N)."""
+    source = batch.question_source
+    if source is None:
+        source = torch.arange(batch.question.shape[0], device=batch.question.device)
+    rows = []
+    for q in range(batch.question.shape[0]):
+        c = int(source[q])
+        ctx = batch.context[c][batch.context_mask[c]]
+        keep = batch.question_mask[q]
+        tail, tail_answer = batch.question[q][keep], batch.answer_mask[q][keep]
+        if bos_token_id is not None:  # the question segment's own BOS; the prompt keeps only the first
+            tail, tail_answer = tail[1:], tail_answer[1:]
+        head = ctx.new_tensor([bos_token_id] if bos_token_id is not None else [])
+        ids = torch.cat([head, ctx, tail])
+        answer = torch.cat([torch.zeros(len(head) + len(ctx), dtype=torch.bool, device=ids.device), tail_answer])
+        rows.append((ids, answer))
+    n = max(len(ids) for ids, _ in rows)
+    b = len(rows)
+    dev = batch.question.device
+    ids = torch.zeros(b, n, dtype=torch.long, device=dev)
+    mask = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    answer_mask = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    for i, (x, a) in enumerate(rows):
+        ids[i, n - len(x):] = x
+        mask[i, n - len(x):] = True
+        answer_mask[i, n - len(x):] = a
+    return ids, mask, answer_mask
+
+
+def _in_context_losses(model: nn.Module, batch: Batch, bos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer loss and accuracy of the base (its LoRA on, the memory off) with the whole context in its window."""
+    ids, mask, answer_mask = in_context_prompts(batch, bos_token_id)
+    answer_len = int(answer_mask.sum(1).max())
+    with model.memory_disabled(keep_lora=True):
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=answer_len + 1)
+    return _answer_terms(out.logits, ids, answer_mask, answer_len)
+
+
+def _answer_terms(logits: torch.Tensor, ids: torch.Tensor, answer_mask: torch.Tensor,
+                  answer_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and all-tokens-right accuracy on the answers, which end every row."""
+    logits = logits[:, :-1].float()
+    targets = ids[:, -answer_len:]
+    mask = answer_mask[:, -answer_len:]
+    loss = F.cross_entropy(logits[mask], targets[mask])
+    correct = (logits.argmax(-1) == targets) | ~mask
+    return loss, correct.all(1).float().mean()
 
 
 def context_terms(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
@@ -247,10 +301,11 @@ def context_terms(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
 
 @torch.no_grad()
 def validate(model: nn.Module, tokenizer: Any, tasks: list[str], length: int, n: int, segment_length: int,
-             seed: int = 0, batch_size: int = 32) -> dict[str, float]:
+             seed: int = 0, batch_size: int = 32, in_context: bool = False) -> dict[str, float]:
     """Answer accuracy (every answer token right, teacher-forced) on ``n`` test samples a task.
 
     A quick check during and after training; ``gma6 eval`` is the benchmark (generation + scorer).
+    ``in_context``: the whole context in the base's window, the memory off, LoRA on (see TrainConfig).
     """
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
@@ -262,7 +317,10 @@ def validate(model: nn.Module, tokenizer: Any, tasks: list[str], length: int, n:
         for s in range(0, n, batch_size):
             chunk = [encode_episode(x, tokenizer) for x in samples[s : s + batch_size]]
             batch = collate(chunk, bos, pad).to(model.device)
-            _, acc = answer_loss(model, batch, segment_length, bos)
+            if in_context:
+                _, acc = _in_context_losses(model, batch, bos)
+            else:
+                _, acc = answer_loss(model, batch, segment_length, bos)
             hits += float(acc) * len(chunk)
         result[task] = hits / n
     return result
@@ -347,8 +405,11 @@ def train(
     )
     for batch in batches:
         batch = batch.to(model.device)
-        loss, acc, lm, kl = _losses(model, batch, cfg.segment_length, bos, cfg.bptt_segments,
-                                    cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0)
+        if cfg.in_context:
+            (loss, acc), lm, kl = _in_context_losses(model, batch, bos), None, None
+        else:
+            loss, acc, lm, kl = _losses(model, batch, cfg.segment_length, bos, cfg.bptt_segments,
+                                        cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0)
         total = loss
         if lm is not None and cfg.lm_weight:
             total = total + cfg.lm_weight * lm
@@ -417,7 +478,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     saved = json.loads(state["train_config"])
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
-             "lm_weight", "lm_positions", "kl_weight", "questions_per_context")
+             "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,14 +130,15 @@ class MemoryWrapper(nn.Module):
         return self(input_ids=input_ids, attention_mask=mask, memory_state=state, logits_to_keep=1).memory_state
 
     @contextmanager
-    def memory_disabled(self) -> Iterator[None]:
-        """Run the bare base model inside this block (LoRA, when added, switched off too)."""
+    def memory_disabled(self, keep_lora: bool = False) -> Iterator[None]:
+        """Run the bare base model inside this block: LoRA, when added, switched off too unless
+        ``keep_lora`` (the base as its LoRA made it, the memory alone switched off)."""
         from .lora import lora_disabled
 
         previous = self._disabled
         self._disabled = True
         try:
-            with lora_disabled(self.base):
+            with nullcontext() if keep_lora else lora_disabled(self.base):
                 yield
         finally:
             self._disabled = previous

@@ -35,6 +35,9 @@ def train(
         1, help="Questions asked about each context read (its own + others its facts answer)."),
     kl_weight: float = typer.Option(0.0, help="Weight of KL(bare || memory) at those positions (0 for a fresh memory)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute the base's activations in backward."),
+    in_context: bool = typer.Option(
+        False, help="A ceiling, not a memory: train only the base's LoRA (--lora-rank) on the whole context in one "
+                    "window, the memory switched off."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option("auto", help="Base dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16."),
@@ -60,7 +63,7 @@ def train(
             steps_per_stage=steps_per_stage, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
-            questions_per_context=questions_per_context,
+            questions_per_context=questions_per_context, in_context=in_context,
         )
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads,

@@ -15,12 +15,13 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 def version_key(params: list[torch.Tensor]) -> tuple | None:
-    """A key that changes whenever one of ``params`` does (optimizer steps, ``load_state_dict``),
-    or None where derived tensors must not be cached: under autograd (gradients must reach the
-    parameters themselves) or for inference tensors, which keep no version counter."""
+    """A key that changes whenever one of ``params`` does (optimizer steps, ``load_state_dict``, a
+    move, a new ``.data``), or None where derived tensors must not be cached: under autograd
+    (gradients must reach the parameters themselves) or for inference tensors, which keep no
+    version counter."""
     if torch.is_grad_enabled() or any(p.is_inference() for p in params):
         return None
-    return tuple((id(p), p._version, p.device, p.dtype) for p in params)
+    return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
 
 
 def read_dtype(h_dtype: torch.dtype, param_dtype: torch.dtype, return_stats: bool = False) -> torch.dtype:

@@ -28,6 +28,12 @@ def initial_slots(layers: int, slots: int, dim: int) -> torch.Tensor:
     return m * math.sqrt(slots / dim)
 
 
+def layer_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(L, B, N, D) @ (L, D, X) -> (L, B, N, X) as one batched matmul over L: broadcasting ``w``
+    over B instead would copy the weights once per sample (a kernel each, on every call)."""
+    return (x.flatten(1, 2) @ w).unflatten(1, x.shape[1:3])
+
+
 class MemoryController(nn.Module):
     """Owns one ``EnhancedMemoryLayer`` per hooked decoder layer and the learned initial memory."""
 
@@ -46,6 +52,9 @@ class MemoryController(nn.Module):
         )
         self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
         self._stack_cache: dict[str, tuple[tuple, dict[str, torch.Tensor]]] = {}
+        # Where each parameter is registered: looked up afresh per call (a reassigned parameter is
+        # seen), without ``parameters()``'s module walk, which costs more than the cached stacks save.
+        self._param_slots = [(m, name) for m in self.modules() for name, p in m._parameters.items() if p is not None]
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -77,6 +86,7 @@ class MemoryController(nn.Module):
         hiddens: list[torch.Tensor],
         mask: torch.Tensor,
         return_stats: bool = False,
+        full: bool = False,
     ) -> tuple[MemoryState, list[dict[str, torch.Tensor]]]:
         """Input and forget phases of every memory layer after a segment.
 
@@ -86,9 +96,10 @@ class MemoryController(nn.Module):
                 (what padding holds is never written).
             mask: (B, T) bool, True at real tokens.
             return_stats: also return per-layer instrumentation.
+            full: the caller knows ``mask`` is all True (no padding): skips the masking work.
         """
         if not return_stats:
-            return self._write_batched(state, hiddens, mask), [{} for _ in self.layers]
+            return self._write_batched(state, hiddens, mask, full), [{} for _ in self.layers]
         cfg = self.config
         new_mem, new_usage, new_age, stats = [], [], [], []
         has_tokens = mask.any(dim=1)[:, None]
@@ -127,7 +138,7 @@ class MemoryController(nn.Module):
         launches, which dominate where small batches are launch-bound. With autograd it is rebuilt
         on every call, so gradients reach each layer's own parameters.
         """
-        key = version_key(list(self.parameters()))
+        key = version_key([m._parameters[name] for m, name in self._param_slots])
         cached = self._stack_cache.get(group)
         if key is not None and cached is not None and cached[0] == key:
             return cached[1]
@@ -139,18 +150,18 @@ class MemoryController(nn.Module):
         if group == "read":
             w = {
                 "norm_m": stack(lambda m: m.read_gate.norm_m.weight)[:, None, None],  # (L, 1, 1, D)
-                "kv_t": stack(lambda m: m.read_gate.kv.weight).transpose(-1, -2)[:, None],  # (L, 1, D, 2D)
+                "kv_t": stack(lambda m: m.read_gate.kv.weight).transpose(-1, -2),  # (L, D, 2D)
             }
         else:
             w = {
                 "norm_m": stack(lambda m: m.norm_m.weight)[:, None, None],
                 "norm_h": stack(lambda m: m.norm_h.weight)[:, None, None],
-                "q_t": stack(lambda m: m.q.weight).transpose(-1, -2)[:, None],
-                "kv_t": stack(lambda m: m.kv.weight).transpose(-1, -2)[:, None],
-                "candidate_t": stack(lambda m: m.candidate.weight).transpose(-1, -2)[:, None],
+                "q_t": stack(lambda m: m.q.weight).transpose(-1, -2),
+                "kv_t": stack(lambda m: m.kv.weight).transpose(-1, -2),
+                "candidate_t": stack(lambda m: m.candidate.weight).transpose(-1, -2),
                 "candidate_b": stack(lambda m: m.candidate.bias)[:, None, None],
                 "gates_t": torch.cat([stack(lambda m: m.input_gate.weight), stack(lambda m: m.forget_gate.weight)], 1
-                                     ).transpose(-1, -2)[:, None],
+                                     ).transpose(-1, -2),
                 "gates_b": torch.cat([stack(lambda m: m.input_gate.bias), stack(lambda m: m.forget_gate.bias)], 1
                                      )[:, None, None],
             }
@@ -171,12 +182,14 @@ class MemoryController(nn.Module):
         gate = self.layers[0].read_gate
         mem = memory.transpose(0, 1)  # (L, B, S, D)
         d = mem.shape[-1]
-        kv = (F.rms_norm(mem, (d,), eps=gate.norm_m.eps) * w["norm_m"]) @ w["kv_t"]
+        kv = layer_matmul(F.rms_norm(mem, (d,), eps=gate.norm_m.eps) * w["norm_m"], w["kv_t"])
         kv = kv if dtype is None else kv.to(dtype)  # one cast for every layer
         kv = kv.unflatten(-1, (2, gate.heads, d // gate.heads)).permute(0, 3, 1, 4, 2, 5)  # (L, 2, B, n, S, d)
         return [(k, v) for k, v in (layer.unbind(0) for layer in kv.unbind(0))]
 
-    def _write_batched(self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor) -> MemoryState:
+    def _write_batched(
+        self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor, full: bool = False
+    ) -> MemoryState:
         """``write`` for every layer at once: the same maths as ``EnhancedMemoryLayer.write`` with the
         layers' weights stacked, so a segment's write launches a few dozen kernels instead of a few
         dozen per layer (where small batches are launch-bound, that is most of the write's cost)."""
@@ -185,42 +198,48 @@ class MemoryController(nn.Module):
         w = self._stacked("write")
         eps = layers[0].norm_m.eps
         mem = state.memory.transpose(0, 1)  # (L, B, S, D)
-        # padding zeroed: what the base left there (even NaN) must not reach the slots through 0 * x
-        h = torch.stack(hiddens).to(mem.dtype).masked_fill(~mask[:, :, None], 0.0)  # (L, B, T, H)
+        h = torch.stack(hiddens).to(mem.dtype)  # (L, B, T, H)
         n_layers, b, s, d = mem.shape
         heads = layers[0].heads
-        has_tokens = mask.any(dim=1)  # (B,)
-        safe_mask = mask | ~has_tokens[:, None]
+        attn_mask = None
+        if not full:
+            # padding zeroed: what the base left there (even NaN) must not reach the slots through 0 * x
+            h = h.masked_fill(~mask[:, :, None], 0.0)
+            has_tokens = mask.any(dim=1)  # (B,)
+            safe_mask = mask | ~has_tokens[:, None]
+            attn_mask = safe_mask[None, :, None, None, :].expand(n_layers, -1, -1, -1, -1).flatten(0, 1)
         mn = F.rms_norm(mem, (d,), eps=eps) * w["norm_m"]
         hn = F.rms_norm(h, (h.shape[-1],), eps=layers[0].norm_h.eps) * w["norm_h"]
-        q = mn @ w["q_t"]
-        k, v = (hn @ w["kv_t"]).chunk(2, dim=-1)
+        q = layer_matmul(mn, w["q_t"])
+        k, v = layer_matmul(hn, w["kv_t"]).chunk(2, dim=-1)
 
         def heads_of(x: torch.Tensor) -> torch.Tensor:  # (L, B, N, D) -> (L*B, n, N, d): 4-D for the fused kernels
             return x.flatten(0, 1).unflatten(-1, (heads, d // heads)).transpose(1, 2)
 
-        attn_mask = safe_mask[None, :, None, None, :].expand(n_layers, -1, -1, -1, -1).flatten(0, 1)
         read = F.scaled_dot_product_attention(heads_of(q), heads_of(k), heads_of(v), attn_mask=attn_mask)
         read = read.transpose(1, 2).flatten(-2).unflatten(0, (n_layers, b))  # (L, B, S, D)
-        content = read @ w["candidate_t"] + w["candidate_b"]
+        content = layer_matmul(read, w["candidate_t"]) + w["candidate_b"]
         z = torch.cat([mn, content], dim=-1)
-        gates = z @ w["gates_t"] + w["gates_b"]
+        gates = layer_matmul(z, w["gates_t"]) + w["gates_b"]
         in_logits, f_logits = gates.chunk(2, dim=-1)
         usage = state.usage.transpose(0, 1)  # (L, B, S)
         if cfg.addressing == "content+usage":
             in_logits = in_logits - (cfg.usage_weight * (usage - usage.mean(-1, keepdim=True)))[..., None]
         g_in = torch.sigmoid(in_logits)
         new = g_in * torch.tanh(content) + torch.sigmoid(f_logits) * mem
-        keep = has_tokens[None, :, None]  # (1, B, 1)
-        new = torch.where(keep[..., None], new, mem)
-        g_in_slot = torch.where(keep, g_in.mean(-1), torch.zeros_like(usage))
-        u = torch.where(keep, cfg.usage_decay * usage + g_in_slot, usage)
+        g_in_slot = g_in.mean(-1)
         age = state.age.transpose(0, 1)
-        a = torch.where(keep, torch.where(g_in_slot.detach() > cfg.write_threshold, torch.zeros_like(age), age + 1), age)
+        u = cfg.usage_decay * usage + g_in_slot
+        a = torch.where(g_in_slot.detach() > cfg.write_threshold, 0.0, age + 1)
+        if not full:  # a sample with no token in this segment keeps its memory, usage and age
+            keep = has_tokens[None, :, None]  # (1, B, 1)
+            new = torch.where(keep[..., None], new, mem)
+            u = torch.where(keep, u, usage)
+            a = torch.where(keep, a, age)
         return MemoryState(
             memory=new.transpose(0, 1).contiguous(),
             usage=u.transpose(0, 1).contiguous(),
             age=a.transpose(0, 1).contiguous(),
-            tokens_read=state.tokens_read + mask.sum(1),
+            tokens_read=state.tokens_read + (mask.shape[1] if full else mask.sum(1)),
             segments_read=state.segments_read + 1,
         )
