@@ -324,3 +324,23 @@ def test_read_gives_the_base_no_padding_mask_where_a_segment_has_no_padding(tiny
     finally:
         spy.remove()
     assert seen == [True, False, False]  # segment 0 is full in both rows; 1 and 2 hold padding
+
+
+def test_a_forward_without_a_mask_gives_the_base_none_and_equals_an_all_ones_mask(tiny_model):
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    _perturb(mm)
+    seen = []
+    spy = tiny_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("attention_mask") is None), with_kwargs=True)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(9))
+    try:
+        with torch.no_grad():
+            state = mm.init_state(2)
+            a = mm(input_ids=ids, memory_state=state)
+            b = mm(input_ids=ids, attention_mask=torch.ones_like(ids), memory_state=state)
+    finally:
+        spy.remove()
+    assert seen == [True, False]
+    assert torch.allclose(a.logits, b.logits, atol=1e-6)
+    for name in ("memory", "usage", "age", "tokens_read"):
+        assert torch.allclose(getattr(a.memory_state, name).float(), getattr(b.memory_state, name).float(), atol=1e-6)

@@ -152,7 +152,9 @@ class MemoryModel(MemoryWrapper):
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
-        return self._segment(input_ids, mask, state, labels, write, return_stats, packed=False, **kwargs)
+        # no mask given: no padding, so the base gets none to check (transformers syncs on a given one)
+        return self._segment(input_ids, mask, state, labels, write, return_stats, packed=False,
+                             full=attention_mask is None, **kwargs)
 
     def _hidden_dtype(self) -> torch.dtype:
         """The dtype of the base's residual stream (its embeddings'; a 4-bit base computes in those too)."""
@@ -182,7 +184,7 @@ class MemoryModel(MemoryWrapper):
         # MemoryOutput carries no KV cache; building one costs the base a few ops a layer
         kwargs.setdefault("use_cache", False)
         if kwargs.get("position_ids") is None:
-            if packed:  # real tokens sit at 0, 1, 2, ...; what padding gets is never read
+            if packed or full:  # real tokens sit at 0, 1, 2, ...; what padding gets is never read
                 kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             else:
                 # Positions count real tokens only, so a left-padded sample sees what it sees alone.
