@@ -49,3 +49,13 @@ def test_init_adapter_refusals(tiny_checkpoint, tmp_path):  # noqa: F811
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "y"), *COMMON,
               "--init-adapter", str(tmp_path / "a" / "adapter"), "--lora-rank", "8")
     assert r.returncode != 0 and "lora_rank=4" in r.stderr
+
+
+def test_addressing_and_in_context_reach_the_adapter_and_the_run(tiny_checkpoint, tmp_path):  # noqa: F811
+    _train(tiny_checkpoint, tmp_path / "u", "--curriculum", "1", "--addressing", "content+usage")
+    assert json.loads((tmp_path / "u" / "adapter" / "gma6_config.json").read_text())["addressing"] == "content+usage"
+    _train(tiny_checkpoint, tmp_path / "c", "--curriculum", "1", "--lora-rank", "4", "--in-context")
+    meta = json.loads((tmp_path / "c" / "adapter" / "training.json").read_text())
+    assert meta["train_config"]["in_context"] is True
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON, "--in-context")
+    assert r.returncode != 0 and "lora_rank" in r.stderr

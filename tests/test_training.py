@@ -120,6 +120,8 @@ def test_cli_train_rejects_bad_arguments():
     result = CliRunner().invoke(app, ["train", "--out", "x", "--tasks", "qa1,qa7"])
     assert result.exit_code != 0
     assert "qa7" in result.output
+    result = CliRunner().invoke(app, ["train", "--out", "x", "--addressing", "nearest"])
+    assert result.exit_code != 0 and "addressing" in result.output and "nearest" in result.output
 
 
 def test_the_same_loop_trains_the_rmt_peer(tmp_path):

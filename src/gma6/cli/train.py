@@ -19,6 +19,7 @@ def train(
     slots: int = typer.Option(16, help="Memory slots (rmt: memory tokens)."),
     memory_dim: int = typer.Option(128, help="Slot width (0: the model's hidden size)."),
     heads: int = typer.Option(4, help="Attention heads of the memory."),
+    addressing: str = typer.Option("content", help="Write addressing: content, or content+usage (little-used slots written first)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
     tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on."),
     segment_length: int = typer.Option(256, help="Tokens per segment (BOS included)."),
@@ -66,7 +67,7 @@ def train(
             questions_per_context=questions_per_context, in_context=in_context,
         )
         mcfg = GMA6Config(
-            memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads,
+            memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:
