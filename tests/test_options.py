@@ -246,30 +246,34 @@ def _grads_and_calls(checkpointing: bool):
     mm = attach_memory(tiny_gemma3(), GMA6Config(gradient_checkpointing=checkpointing, **SMALL))
     _perturb(mm)
     mm.train()
-    reads, mlp_runs = [], []
+    reads, mlp_runs, hook_runs = [], [], []
     read = mm.controller.read
     mm.controller.read = lambda *a, **k: (reads.append(a[0]), read(*a, **k))[1]
     for i in mm.config.layers:
-        find_decoder_layers(mm.base)[i].mlp.register_forward_hook(lambda *a: mlp_runs.append(1))
+        layer = find_decoder_layers(mm.base)[i]
+        layer.mlp.register_forward_hook(lambda *a: mlp_runs.append(1))
+        layer.register_forward_hook(lambda *a: hook_runs.append(1))  # fires where (and as often as) ours does
     x = _ids()
     state = mm.init_state(2)
     out = mm(input_ids=x, memory_state=state)
     out = mm(input_ids=x, labels=x, memory_state=out.memory_state)
-    after_forward = (list(reads), len(mlp_runs))
+    after_forward = (list(reads), len(mlp_runs), len(hook_runs))
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in mm.controller.named_parameters()}
-    return mm, grads, after_forward, (list(reads), len(mlp_runs))
+    return mm, grads, after_forward, (list(reads), len(mlp_runs), len(hook_runs))
 
 
 def test_gradient_checkpointing_hooks_once_and_same_gradients():
-    mm, ref, _, (ref_reads, ref_mlp) = _grads_and_calls(False)
+    mm, ref, _, (ref_reads, ref_mlp, ref_hooks) = _grads_and_calls(False)
     n = len(mm.config.layers)
     assert sorted(ref_reads) == sorted(list(range(n)) * 2)  # 2 segments, one read per memory layer each
-    ck, grads, (fwd_reads, fwd_mlp), (reads, mlp) = _grads_and_calls(True)
+    ck, grads, (fwd_reads, fwd_mlp, fwd_hooks), (reads, mlp, hooks) = _grads_and_calls(True)
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in ck.base.modules())
     assert sorted(fwd_reads) == sorted(list(range(n)) * 2)
-    assert reads == fwd_reads  # the recomputation in backward does not run the memory hooks again
+    assert hooks == fwd_hooks == ref_hooks == 2 * n  # the hooks fire once a forward, never in backward
     assert mlp == 2 * fwd_mlp == 2 * ref_mlp  # ...although the layers were recomputed
+    # the read itself is recomputed once in backward, inside its own checkpoint, like the layer it hooks
+    assert sorted(reads) == sorted(fwd_reads * 2)
     for name, g in ref.items():
         assert torch.allclose(grads[name], g, atol=1e-5), name
     assert any(g.abs().max() > 0 for g in grads.values())
@@ -298,3 +302,34 @@ def test_budget_also_guards_the_rmt_peer(monkeypatch):
     assert estimate_peak_bytes(rmt, 1, 64) > estimate_peak_bytes(rmt.base, 1, 64 + 8) > estimate_peak_bytes(gated.base, 1, 64)
     out = attach_memory(tiny_gemma3(), GMA6Config(max_memory_usage=100.0, **cfg)).read(_ids(t=40), segment_length=8)
     assert out.memory.shape[2] == 4
+
+
+def test_under_checkpointing_the_memory_keeps_no_activation_of_its_own_for_backward():
+    """transformers checkpoints a layer's forward, not its hooks: the read and the write checkpoint
+    themselves, so what autograd keeps is their inputs, saved by the checkpoint, not their per-token
+    insides."""
+    import traceback
+
+    def saved_from_memory(checkpointing: bool) -> list[str]:
+        mm = attach_memory(tiny_gemma3(), GMA6Config(gradient_checkpointing=checkpointing, **SMALL))
+        _perturb(mm)
+        mm.train()
+        where = []
+
+        def pack(t):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            names = {f.name for f in frames[-3:]}
+            # the slots' keys and values (one (B, L, S, D) step a segment, before the forward) may stay
+            if frames and "/gma6/memory/" in frames[-1].filename.replace("\\", "/") and "read_keys_values" not in names:
+                where.append(f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].name}")
+            return t
+
+        x = _ids()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = mm(input_ids=x, memory_state=mm.init_state(2))
+            out = mm(input_ids=x, labels=x, memory_state=out.memory_state)
+        out.loss.backward()
+        return where
+
+    assert saved_from_memory(False)  # without checkpointing the read and write keep their activations
+    assert saved_from_memory(True) == []

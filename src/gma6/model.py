@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import GMA6Config
@@ -57,7 +58,9 @@ class MemoryModel(MemoryWrapper):
             # Where a reading norm is an RMSNorm, the read folds it into its own (see rms_gain).
             self._reading_gains = [None if n is None else rms_gain(n, self.config.hidden_size) for n in self._reading_norms]
             self._gain_cache: dict[tuple, torch.Tensor] = {}
-            self._hooks = LayerHooks([decoder_layers[i] for i in self.config.layers], self._make_hook)
+            # A plain list again (the base's modules are not the adapter's): whether each checkpoints.
+            self._hooked_layers = [decoder_layers[i] for i in self.config.layers]
+            self._hooks = LayerHooks(self._hooked_layers, self._make_hook)
             self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
                                 for slot, n in enumerate(self._reading_norms) if n is not None]
         except BaseException:
@@ -78,13 +81,14 @@ class MemoryModel(MemoryWrapper):
                 r = hidden.shape[0] // memory.shape[0]
                 memory = memory.repeat_interleave(r, dim=0)
                 kv = None if kv is None else (kv[0].repeat_interleave(r, dim=0), kv[1].repeat_interleave(r, dim=0))
-            norm, gain = self._reading_norms[slot], self._reading_gains[slot]
-            if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
-                view = hidden * self._gain(slot, hidden.device, read_dtype(hidden.dtype, memory.dtype, call.return_stats))
+            if not call.return_stats and self._checkpointing(slot):
+                # The base checkpoints its layers' forward, not their hooks: without this the read's
+                # per-token activations would be kept for backward at every segment.
+                new = torch.utils.checkpoint.checkpoint(self._read_into, slot, hidden, memory[:, slot], kv,
+                                                        use_reentrant=False)
+                stats = {}
             else:
-                view = norm(hidden) if norm is not None else None
-            delta, stats = self.controller.read(slot, hidden, memory[:, slot], call.return_stats, view, kv)
-            new = hidden + (delta if delta.dtype == hidden.dtype else delta.to(hidden.dtype))
+                new, stats = self._read_into(slot, hidden, memory[:, slot], kv, call.return_stats, with_stats=True)
             if call.collect:
                 # keyed, so a recomputation overwrites instead of appending
                 call.outputs[slot] = new
@@ -94,6 +98,25 @@ class MemoryModel(MemoryWrapper):
             return new
 
         return fn
+
+    def _read_into(self, slot: int, hidden: torch.Tensor, memory: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
+                   return_stats: bool = False, with_stats: bool = False) -> Any:
+        """``hidden`` plus what it reads from one layer's slots (and the read's statistics if ``with_stats``)."""
+        norm, gain = self._reading_norms[slot], self._reading_gains[slot]
+        if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
+            view = hidden * self._gain(slot, hidden.device, read_dtype(hidden.dtype, memory.dtype, return_stats))
+        else:
+            view = norm(hidden) if norm is not None else None
+        delta, stats = self.controller.read(slot, hidden, memory, return_stats, view, kv)
+        new = hidden + (delta if delta.dtype == hidden.dtype else delta.to(hidden.dtype))
+        return (new, stats) if with_stats else new
+
+    def _checkpointing(self, slot: int | None = None) -> bool:
+        """Whether the base recomputes (this hooked layer's / any hooked layer's) activations in backward now."""
+        if not torch.is_grad_enabled():
+            return False
+        layers = self._hooked_layers if slot is None else [self._hooked_layers[slot]]
+        return any(getattr(m, "gradient_checkpointing", False) and m.training for m in layers)
 
     def _gain(self, slot: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         # Cached per device and dtype: a cast a layer a segment would be a kernel launch each.
@@ -213,7 +236,12 @@ class MemoryModel(MemoryWrapper):
             self._call = None
         new_state, stats = state, None
         if write:
-            new_state, stats = self.controller.write(state, self._written_hiddens(call), mask, return_stats, full)
+            hiddens = self._written_hiddens(call)
+            if not return_stats and self._checkpointing():  # as for the read: recomputed in backward
+                new_state, stats = torch.utils.checkpoint.checkpoint(
+                    self.controller.write, state, hiddens, mask, False, full, use_reentrant=False)
+            else:
+                new_state, stats = self.controller.write(state, hiddens, mask, return_stats, full)
             if return_stats:
                 for i, st in enumerate(stats):
                     st.update(call.stats.get(i, {}))
