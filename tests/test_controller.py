@@ -107,3 +107,86 @@ def test_stacked_weights_follow_a_parameter_given_new_data():
         weight.data = torch.randn_like(weight)  # no version bump, new storage
         after = ctl._stacked("write")["candidate_t"]
     assert torch.equal(after[0], weight.t()) and not torch.equal(after[0], before[0])
+
+
+# ------------------------------------------------------------------ write_rule="tokens"
+def _token_layer(slots: int = 5, dim: int = 8, hidden: int = 12):
+    from gma6.memory.layer import EnhancedMemoryLayer
+
+    torch.manual_seed(0)
+    return EnhancedMemoryLayer(hidden, dim, 2, forget_bias=3.0, write_rule="tokens")
+
+
+def test_the_tokens_write_appends_the_top_scoring_tokens_in_order_and_drops_the_oldest():
+    layer = _token_layer()
+    b, s, t, k = 3, 5, 6, 2
+    with torch.no_grad():  # a score that is the first hidden unit, so we choose which tokens win
+        layer.score.weight.zero_()
+        layer.score.weight[0, 0] = 1.0
+        layer.norm_h.weight.fill_(1.0)
+    h = torch.randn(b, t, 12) * 0.1
+    h[:, 4, 0], h[:, 1, 0] = 9.0, 8.0  # tokens 4 and 1 score highest (4 first): written as 1 then 4
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[1, 2:] = False  # row 1: only tokens 0 and 1 are real (1 wins, then 0)
+    mask[2] = False  # row 2: nothing to write
+    memory = torch.arange(b * s, dtype=torch.float32).view(b, s, 1).expand(-1, -1, 8).clone()
+    usage, age = torch.rand(b, s), torch.arange(s, 0, -1, dtype=torch.float32).expand(b, -1).clone()
+    with torch.no_grad():
+        new, u, a, st = layer.write_tokens(memory, h, mask, usage, age, k, 0.9, return_stats=True)
+        values = torch.tanh(layer.value(layer.norm_h(h)))
+        g = torch.sigmoid(layer.score(layer.norm_h(h))).squeeze(-1)
+    f = torch.sigmoid(layer.forget)
+    # row 0: the 3 newest old slots (decayed) then token 1, token 4
+    assert torch.allclose(new[0, :3], f * memory[0, 2:], atol=1e-6)
+    assert torch.allclose(new[0, 3], g[0, 1] * values[0, 1], atol=1e-6)
+    assert torch.allclose(new[0, 4], g[0, 4] * values[0, 4], atol=1e-6)
+    assert a[0].tolist() == [4.0, 3.0, 2.0, 0.0, 0.0] and torch.allclose(u[0, 3:], g[0, [1, 4]])
+    # row 1: both real tokens written, in order (0 then 1)
+    assert torch.allclose(new[1, 3], g[1, 0] * values[1, 0], atol=1e-6)
+    assert torch.allclose(new[1, 4], g[1, 1] * values[1, 1], atol=1e-6)
+    # row 2: unchanged
+    assert torch.equal(new[2], memory[2]) and torch.equal(u[2], usage[2]) and torch.equal(a[2], age[2])
+    assert st["write_attention"][0, 3, 1] == 1 and st["write_attention"][0, 4, 4] == 1
+
+
+def test_a_short_row_writes_only_its_real_tokens():
+    layer = _token_layer()
+    h = torch.randn(1, 6, 12)
+    mask = torch.tensor([[True, False, False, False, False, False]])
+    memory = torch.randn(1, 5, 8)
+    with torch.no_grad():
+        new, _, a, _ = layer.write_tokens(memory, h, mask, torch.zeros(1, 5), torch.zeros(1, 5), 3, 0.9)
+    f = torch.sigmoid(layer.forget)
+    assert torch.allclose(new[0, :4], f * memory[0, 1:], atol=1e-6)  # one slot dropped, one written
+    assert a[0].tolist() == [1.0, 1.0, 1.0, 1.0, 0.0]
+
+
+def test_the_tokens_write_trains_score_value_and_forget_through_two_segments():
+    cfg = GMA6Config(num_slots=4, memory_dim=16, num_heads=2, layers=[0, 2], write_rule="tokens",
+                     tokens_per_segment=2).resolve(32, 4, "t")
+    torch.manual_seed(0)
+    ctl = MemoryController(cfg)
+    for p in ctl.parameters():
+        p.data.add_(0.1 * torch.randn_like(p))
+    state = ctl.init_state(2)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    for _ in range(2):
+        state, _ = ctl.write(state, [torch.randn(2, 5, 32) for _ in cfg.layers], mask)
+    h = torch.randn(2, 3, 32)
+    kv = ctl.read_keys_values(state.memory)
+    out = sum(ctl.read(i, h, state.memory[:, i], kv=kv[i])[0].square().sum() for i in range(2))
+    out.backward()
+    for name in ("score.weight", "value.weight", "forget"):
+        assert all(getattr(layer, name.split(".")[0]).grad is not None if "." not in name
+                   else layer.get_parameter(name).grad is not None for layer in ctl.layers), name
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"write_rule": "fifo"}, "write_rule"),
+    ({"write_rule": "tokens", "tokens_per_segment": 9, "num_slots": 4}, "tokens_per_segment=9"),
+    ({"write_rule": "tokens", "addressing": "content+usage"}, "addressing"),
+    ({"tokens_per_segment": 0}, "tokens_per_segment"),
+])
+def test_bad_write_rules_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        GMA6Config(**kwargs)

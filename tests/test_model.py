@@ -344,3 +344,23 @@ def test_a_forward_without_a_mask_gives_the_base_none_and_equals_an_all_ones_mas
     assert torch.allclose(a.logits, b.logits, atol=1e-6)
     for name in ("memory", "usage", "age", "tokens_read"):
         assert torch.allclose(getattr(a.memory_state, name).float(), getattr(b.memory_state, name).float(), atol=1e-6)
+
+
+def test_the_tokens_write_rule_starts_as_a_no_op_and_round_trips(tiny_model, tmp_path):
+    x = torch.randint(3, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = tiny_model(input_ids=x).logits
+    mm = attach_memory(tiny_model, GMA6Config(write_rule="tokens", tokens_per_segment=2, **SMALL))
+    state = mm.read(x, segment_length=6)
+    with torch.no_grad():
+        assert torch.allclose(mm(input_ids=x, memory_state=mm.init_state(2)).logits, want, atol=1e-5)
+    _perturb(mm)
+    with torch.no_grad():
+        got = mm(input_ids=x[:, :5], memory_state=mm.read(x, segment_length=6)).logits
+    mm.save_pretrained(tmp_path)
+    mm.detach()
+    loaded = gma6.load_adapter(tiny_model, tmp_path)
+    assert loaded.config.write_rule == "tokens" and loaded.config.tokens_per_segment == 2
+    with torch.no_grad():
+        again = loaded(input_ids=x[:, :5], memory_state=loaded.read(x, segment_length=6)).logits
+    assert torch.allclose(again, got, atol=1e-6) and state.age.max() > 0

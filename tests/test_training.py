@@ -256,3 +256,19 @@ def test_validate_in_context_scores_the_base_on_the_whole_prompt():
         loss, acc = _in_context_losses(mm, batch, TOK.bos_token_id)
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5) and float(want_loss) > 0.1
     assert got["qa1"] == pytest.approx(float(want_acc)) == pytest.approx(float(acc))
+
+
+def test_the_tokens_write_rule_learns_on_the_tiny_task(tmp_path):
+    base = tiny_gemma3(seed=0, vocab=128, hidden=32)
+    with torch.no_grad():
+        base.get_input_embeddings().weight.mul_(25)
+    mm = attach_memory(base, GMA6Config(num_slots=4, memory_dim=16, num_heads=2, layers=[1, 3], write_rule="tokens",
+                                        tokens_per_segment=2))
+    before = {k: v.clone() for k, v in mm.base.state_dict().items()}
+    score = mm.controller.layers[0].score.weight.detach().clone()
+    train(mm, TOK, small_cfg(curriculum=[1], steps_per_stage=30, lr=1e-2), tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
+    assert all(torch.equal(v, before[k]) for k, v in mm.base.state_dict().items())
+    assert not torch.equal(mm.controller.layers[0].score.weight, score)  # the selection trains too

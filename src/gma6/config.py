@@ -12,6 +12,7 @@ from typing import Any
 CONFIG_NAME = "gma6_config.json"
 MEMORY_TYPES = ("gated", "rmt")
 ADDRESSING = ("content", "content+usage")
+WRITE_RULES = ("slots", "tokens")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class GMA6Config:
         output_gate_bias: initial bias of the read's output gate.
         addressing: "content" (slots attend to the segment by content) or "content+usage"
             (the input gate also favours little-used slots).
+        write_rule: "slots" (LM2: every slot reads the segment by attention, then input and forget
+            gates) or "tokens" (each segment's ``tokens_per_segment`` highest-scoring tokens are
+            written as new slots, each through its own sigmoid input gate; older slots decay by a
+            learned sigmoid forget gate and the oldest are dropped: token-level bindings are kept).
+        tokens_per_segment: new slots a segment for ``write_rule="tokens"``.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.
         write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
@@ -57,6 +63,8 @@ class GMA6Config:
     input_bias: float = 0.0
     output_gate_bias: float = 0.0
     addressing: str = "content"
+    write_rule: str = "slots"
+    tokens_per_segment: int = 4
     usage_decay: float = 0.9
     usage_weight: float = 1.0
     write_threshold: float = 0.1
@@ -94,6 +102,15 @@ class GMA6Config:
             self.layers = sorted(self.layers)
         if self.addressing not in ADDRESSING:
             raise ValueError(f"addressing={self.addressing!r}: expected one of {ADDRESSING}")
+        if self.write_rule not in WRITE_RULES:
+            raise ValueError(f"write_rule={self.write_rule!r}: expected one of {WRITE_RULES}")
+        _positive_int("tokens_per_segment", self.tokens_per_segment)
+        if self.write_rule == "tokens":
+            if self.addressing != "content":
+                raise ValueError(f"addressing={self.addressing!r} needs write_rule='slots' (the tokens rule "
+                                 "replaces the oldest slots, not the least used)")
+            if self.tokens_per_segment > self.num_slots:
+                raise ValueError(f"tokens_per_segment={self.tokens_per_segment} exceeds num_slots={self.num_slots}")
         if not 0.0 <= self.usage_decay <= 1.0:
             raise ValueError(f"usage_decay={self.usage_decay}: must lie in [0, 1]")
         if not 0.0 <= self.write_threshold <= 1.0:

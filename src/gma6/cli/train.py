@@ -20,6 +20,10 @@ def train(
     memory_dim: int = typer.Option(128, help="Slot width (0: the model's hidden size)."),
     heads: int = typer.Option(4, help="Attention heads of the memory."),
     addressing: str = typer.Option("content", help="Write addressing: content, or content+usage (little-used slots written first)."),
+    write_rule: str = typer.Option(
+        "slots", help="slots (LM2: slots attend to the segment, gated) or tokens (each segment's top-scoring tokens "
+                      "become new slots, the oldest drop out)."),
+    tokens_per_segment: int = typer.Option(4, help="New slots a segment with --write-rule tokens."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
     tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on."),
     segment_length: int = typer.Option(256, help="Tokens per segment (BOS included)."),
@@ -68,6 +72,7 @@ def train(
         )
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
+            write_rule=write_rule, tokens_per_segment=tokens_per_segment,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:

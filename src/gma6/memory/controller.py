@@ -46,7 +46,8 @@ class MemoryController(nn.Module):
         self.layer_ids = list(config.layers)
         self.layers = nn.ModuleList(
             EnhancedMemoryLayer(
-                config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias
+                config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias,
+                config.write_rule,
             )
             for _ in self.layer_ids
         )
@@ -98,9 +99,11 @@ class MemoryController(nn.Module):
             return_stats: also return per-layer instrumentation.
             full: the caller knows ``mask`` is all True (no padding): skips the masking work.
         """
+        cfg = self.config
+        if cfg.write_rule == "tokens":
+            return self._write_tokens(state, hiddens, mask, return_stats)
         if not return_stats:
             return self._write_batched(state, hiddens, mask, full), [{} for _ in self.layers]
-        cfg = self.config
         new_mem, new_usage, new_age, stats = [], [], [], []
         has_tokens = mask.any(dim=1)[:, None]
         for i, layer in enumerate(self.layers):
@@ -127,6 +130,28 @@ class MemoryController(nn.Module):
             age=torch.stack(new_age, dim=1),
             tokens_read=state.tokens_read + mask.sum(1),
             segments_read=state.segments_read + 1,
+        )
+        return new_state, stats
+
+    def _write_tokens(
+        self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor, return_stats: bool
+    ) -> tuple[MemoryState, list[dict[str, torch.Tensor]]]:
+        """``write`` for ``write_rule="tokens"``, layer by layer (see ``EnhancedMemoryLayer.write_tokens``)."""
+        cfg = self.config
+        mem, usage, age, stats = [], [], [], []
+        for i, layer in enumerate(self.layers):
+            h = hiddens[i].to(state.memory.dtype).masked_fill(~mask[..., None], 0.0)
+            m, u, a, st = layer.write_tokens(state.memory[:, i], h, mask, state.usage[:, i], state.age[:, i],
+                                             cfg.tokens_per_segment, cfg.usage_decay, return_stats)
+            if return_stats:
+                st["usage"], st["age"] = u.detach(), a.detach()
+            mem.append(m)
+            usage.append(u)
+            age.append(a)
+            stats.append(st)
+        new_state = MemoryState(
+            memory=torch.stack(mem, dim=1), usage=torch.stack(usage, dim=1), age=torch.stack(age, dim=1),
+            tokens_read=state.tokens_read + mask.sum(1), segments_read=state.segments_read + 1,
         )
         return new_state, stats
 

@@ -15,9 +15,15 @@ from .attention import MemoryAttentionGate, merge_heads, split_heads
 class EnhancedMemoryLayer(nn.Module):
     """Output phase (read, per token) and input/forget phases (write, once per segment).
 
-    Write: slots are queries over the segment's hidden states (content-based addressing),
-    ``C = W_c attn(M, h)``; gates ``g_in = sigmoid(W_in [M; C] + b_in)``,
+    Write ("slots", LM2): slots are queries over the segment's hidden states (content-based
+    addressing), ``C = W_c attn(M, h)``; gates ``g_in = sigmoid(W_in [M; C] + b_in)``,
     ``g_f = sigmoid(W_f [M; C] + b_f)``; ``M' = g_in * tanh(C) + g_f * M``.
+
+    Write ("tokens"): a learned score ``s_t = w_s . norm(h_t) + b_s`` picks the segment's top-k tokens;
+    each becomes a new slot ``sigmoid(s_t) * tanh(W_v norm(h_t))`` (its score is its input gate), in
+    token order after the older slots, which decay by ``sigmoid(f)`` (a learned forget gate per
+    dimension) and of which the oldest k drop out. A token's own hidden state carries what the base
+    bound to it (who went where), which a slot's attention-weighted mean over the segment blurs.
     """
 
     def __init__(
@@ -28,12 +34,20 @@ class EnhancedMemoryLayer(nn.Module):
         forget_bias: float = 3.0,
         input_bias: float = 0.0,
         output_gate_bias: float = 0.0,
+        write_rule: str = "slots",
     ) -> None:
         super().__init__()
         self.heads = heads
+        self.write_rule = write_rule
         self.read_gate = MemoryAttentionGate(hidden_size, dim, heads, output_gate_bias)
-        self.norm_m = nn.RMSNorm(dim, eps=1e-6)
         self.norm_h = nn.RMSNorm(hidden_size, eps=1e-6)
+        if write_rule == "tokens":
+            self.score = nn.Linear(hidden_size, 1)
+            self.value = nn.Linear(hidden_size, dim)
+            self.forget = nn.Parameter(torch.full((dim,), float(forget_bias)))
+            nn.init.constant_(self.score.bias, input_bias)
+            return
+        self.norm_m = nn.RMSNorm(dim, eps=1e-6)
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(hidden_size, 2 * dim, bias=False)
         self.candidate = nn.Linear(dim, dim)
@@ -98,3 +112,55 @@ class EnhancedMemoryLayer(nn.Module):
                 stats["write_entropy"] = -(att * att.clamp_min(1e-12).log()).sum(-1).mean(dim=(1, 2))
                 stats["write_attention"] = att.mean(1)  # (B, S, T): which tokens each slot read
         return new, g_in_slot, stats
+
+    def write_tokens(
+        self,
+        memory: torch.Tensor,
+        h: torch.Tensor,
+        mask: torch.Tensor,
+        usage: torch.Tensor,
+        age: torch.Tensor,
+        k: int,
+        usage_decay: float,
+        return_stats: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The "tokens" write (see the class): memory (B, S, D), h (B, T, H), mask (B, T) bool,
+        usage and age (B, S) -> new memory, usage, age and optional stats. Slots run oldest to newest.
+        A sample with no real token keeps everything; one with fewer than k writes only those it has."""
+        b, s, d = memory.shape
+        t = h.shape[1]
+        k = min(k, t)
+        hn = self.norm_h(h)
+        score = self.score(hn).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+        top, idx = score.topk(k, dim=1)
+        valid = torch.isfinite(top)
+        # the chosen real tokens in their order in the segment (the latest fact last), padding picks after
+        order = torch.where(valid, idx, t + torch.arange(k, device=idx.device)).argsort(dim=1)
+        idx, top, valid = idx.gather(1, order), top.gather(1, order), valid.gather(1, order)
+        picked = hn.gather(1, idx[..., None].expand(-1, -1, hn.shape[-1]))  # (B, k, H)
+        g_in = torch.sigmoid(top.masked_fill(~valid, 0.0)) * valid  # padding picks write nothing
+        entries = g_in[..., None] * torch.tanh(self.value(picked))  # (B, k, D)
+        g_f = torch.sigmoid(self.forget)
+        # [older slots, decayed | the new entries]; keep the last S of the first S + n, n = real picks
+        n = valid.sum(1)  # (B,)
+        window = (n[:, None] + torch.arange(s, device=n.device))  # (B, S)
+        new = torch.cat([g_f * memory, entries.to(memory.dtype)], 1).gather(1, window[..., None].expand(-1, -1, d))
+        new_usage = torch.cat([usage_decay * usage, g_in.to(usage.dtype)], 1).gather(1, window)
+        new_age = torch.cat([age + 1, torch.zeros_like(g_in, dtype=age.dtype)], 1).gather(1, window)
+        keep = (n > 0)[:, None]
+        new = torch.where(keep[..., None], new, memory)
+        new_usage = torch.where(keep, new_usage, usage)
+        new_age = torch.where(keep, new_age, age)
+        stats: dict[str, torch.Tensor] = {}
+        if return_stats:
+            with torch.no_grad():
+                stats["input_gate"] = (g_in.sum(1) / n.clamp(min=1)).float()
+                stats["forget_gate"] = g_f.mean().expand(b).float()
+                # which token each slot now holds came from (new slots only), as the slots rule's attention map
+                att = torch.zeros(b, s, t, device=h.device)
+                slot_of = s - n[:, None] + torch.arange(k, device=n.device)  # (B, k): where pick j landed
+                ok = valid & (slot_of < s)
+                bi, j = ok.nonzero(as_tuple=True)
+                att[bi, slot_of[bi, j], idx[bi, j]] = 1.0
+                stats["write_attention"] = att
+        return new, new_usage, new_age, stats
