@@ -272,3 +272,32 @@ def test_the_tokens_write_rule_learns_on_the_tiny_task(tmp_path):
     assert last < 0.7 * first, (first, last)
     assert all(torch.equal(v, before[k]) for k, v in mm.base.state_dict().items())
     assert not torch.equal(mm.controller.layers[0].score.weight, score)  # the selection trains too
+
+
+def test_context_distill_is_zero_where_the_memory_sees_what_the_window_sees_and_trains_the_memory(tmp_path):
+    from gma6.episodes import Episode, collate
+    from gma6.training import _losses, context_distill_loss
+
+    mm = fresh()
+    # No context: the in-context prompt is the question row itself, so a fresh (no-op) memory matches it
+    # exactly: the rows are aligned token for token, padding and BOS left out.
+    eps = [Episode(context=[], question=[20, 21, 22], answer=[30]), Episode(context=[], question=[23], answer=[31, 32])]
+    batch = collate(eps, TOK.bos_token_id, 0)
+    with torch.no_grad():
+        student = mm(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=mm.init_state(2),
+                     write=False, output_hidden_states=True).hidden_states
+        assert float(context_distill_loss(mm, batch, TOK.bos_token_id, student)) == pytest.approx(0.0, abs=1e-10)
+        # shifted by one token, the same rows are far apart: the alignment is what made it zero
+        shifted = tuple(torch.roll(h, 1, dims=1) for h in student)
+        assert float(context_distill_loss(mm, batch, TOK.bos_token_id, shifted)) > 1e-3
+    # With a context the window sees it and the memory (fresh) does not: a positive loss, logged, that trains it
+    eps = [Episode(context=[40, 41, 42, 43], question=[20, 21, 22], answer=[30])] * 2
+    with torch.no_grad():
+        *_, distill = _losses(mm, collate(eps, TOK.bos_token_id, 0), 48, TOK.bos_token_id, None, 0, distill=True)
+    assert float(distill) > 1e-4
+    cfg = small_cfg(curriculum=[1], steps_per_stage=3, distill_weight=1.0)
+    train(mm, TOK, cfg, tmp_path, progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert all(r["context_distill"] is not None and r["context_distill"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="other settings"):
+        train(fresh(), TOK, small_cfg(curriculum=[1], steps_per_stage=4), tmp_path, progress=False)

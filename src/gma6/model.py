@@ -214,7 +214,8 @@ class MemoryModel(MemoryWrapper):
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         if self._disabled:
             out = self.base(input_ids=input_ids, attention_mask=mask.long(), labels=labels, **kwargs)
-            return MemoryOutput(out.logits, getattr(out, "loss", None), state)
+            return MemoryOutput(out.logits, getattr(out, "loss", None), state,
+                                hidden_states=getattr(out, "hidden_states", None))
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
         base_mask: torch.Tensor | None = mask.long()
@@ -247,7 +248,8 @@ class MemoryModel(MemoryWrapper):
                     st.update(call.stats.get(i, {}))
         if self.config.offload_to_cpu:
             new_state = new_state.to("cpu")
-        return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats)
+        return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats,
+                            hidden_states=getattr(out, "hidden_states", None))
 
     @torch.no_grad()
     def generate(

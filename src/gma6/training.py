@@ -60,6 +60,9 @@ class TrainConfig:
         kl_weight: weight of KL(bare base || memory model) over the next token at the same positions:
             zero for an untrained memory, so it asks only that the memory change nothing it need not
             (an extra forward of the bare base per context segment, without gradients).
+        distill_weight: weight of matching, at the question's tokens, the hidden states after each
+            memory layer to those the bare base makes with the whole context in its window (a dense
+            target for what the memory should deliver; an extra no-grad pass of the base a batch).
         in_context: a ceiling, not a memory: the base reads ``BOS + context + question`` in one
             window with the memory switched off and only its LoRA trained (needs ``lora_rank``).
             What the base can learn of the tasks when it sees every fact at once.
@@ -86,6 +89,7 @@ class TrainConfig:
     kl_weight: float = 0.0
     questions_per_context: int = 1
     in_context: bool = False
+    distill_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
@@ -109,7 +113,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
-        for name in ("lm_weight", "kl_weight"):
+        for name in ("lm_weight", "kl_weight", "distill_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"{name}={v!r}: expected a number >= 0")
@@ -117,9 +121,10 @@ class TrainConfig:
             raise ValueError(f"lm_positions={self.lm_positions!r}: expected a positive int")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
-        if self.in_context and (self.lora_rank == 0 or self.lm_weight or self.kl_weight or self.bptt_segments):
+        if self.in_context and (self.lora_rank == 0 or self.lm_weight or self.kl_weight or self.bptt_segments
+                                or self.distill_weight):
             raise ValueError("in_context trains the base's LoRA on whole-context prompts: it needs lora_rank > 0 and "
-                             "takes no lm_weight, kl_weight or bptt_segments")
+                             "takes no lm_weight, kl_weight, distill_weight or bptt_segments")
 
     @property
     def total_steps(self) -> int:
@@ -188,10 +193,11 @@ def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_i
 
 
 def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
-            bptt_segments: int | None, lm_positions: int, kl: bool = False,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+            bptt_segments: int | None, lm_positions: int, kl: bool = False, distill: bool = False,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | tuple:
     """Answer loss and accuracy; the context's next-token loss and KL to the bare base at
-    ``lm_positions`` random positions a segment (None when not asked for)."""
+    ``lm_positions`` random positions a segment (None when not asked for); with ``distill``, a fifth
+    value: ``context_distill_loss`` of the question pass."""
     b = batch.context.shape[0]
     state = model.init_state(b)
     segments = split_segments(batch.context, batch.context_mask, segment_length, bos_token_id)
@@ -224,11 +230,36 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     answer_len = int(batch.answer_mask.sum(1).max())
     # Logits only where they predict answer tokens: the vocabulary is 262k wide.
     out = model(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=state,
-                write=False, logits_to_keep=answer_len + 1)
+                write=False, logits_to_keep=answer_len + 1, **({"output_hidden_states": True} if distill else {}))
     loss, acc = _answer_terms(out.logits, batch.question, batch.answer_mask, answer_len)
     lm = torch.stack(lm_terms).mean() if lm_terms else None
     kl_loss = torch.stack(kl_terms).mean() if kl_terms else None
+    if distill:
+        return loss, acc, lm, kl_loss, context_distill_loss(model, batch, bos_token_id, out.hidden_states)
     return loss, acc, lm, kl_loss
+
+
+def context_distill_loss(model: nn.Module, batch: Batch, bos_token_id: int | None,
+                         student: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """How far the question pass's hidden states after each memory layer are from the bare base's
+    with the whole context in its window, at the question (and answer) tokens: the relative squared
+    error per token, averaged over tokens and layers. ``student``: the question pass's hidden states
+    (``output_hidden_states``), whose rows end where the in-context prompts' rows end."""
+    ids, mask, _ = in_context_prompts(batch, bos_token_id)
+    with torch.no_grad(), model.memory_disabled():
+        teacher = model(input_ids=ids, attention_mask=mask, logits_to_keep=1, output_hidden_states=True).hidden_states
+    q = batch.question
+    m = q.shape[1] - 1  # the question row's BOS column has no counterpart in the prompt
+    valid = batch.question_mask[:, 1:]
+    if bos_token_id is not None:  # a shorter row's own BOS faces a context token of the prompt
+        valid = valid & (q[:, 1:] != bos_token_id)
+    n = valid.sum().clamp(min=1)
+    terms = []
+    for i in model.config.layers:  # hidden_states[i + 1]: layer i's output, the memory's read included
+        s, t = student[i + 1][:, 1:].float(), teacher[i + 1][:, -m:].float()
+        err = (s - t).pow(2).mean(-1) / t.pow(2).mean(-1).clamp_min(1e-6)
+        terms.append((err * valid).sum() / n)
+    return torch.stack(terms).mean()
 
 
 def in_context_prompts(batch: Batch, bos_token_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -405,16 +436,22 @@ def train(
     )
     for batch in batches:
         batch = batch.to(model.device)
+        distill = None
         if cfg.in_context:
             (loss, acc), lm, kl = _in_context_losses(model, batch, bos), None, None
         else:
-            loss, acc, lm, kl = _losses(model, batch, cfg.segment_length, bos, cfg.bptt_segments,
-                                        cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0)
+            loss, acc, lm, kl, *rest = _losses(
+                model, batch, cfg.segment_length, bos, cfg.bptt_segments,
+                cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0,
+                distill=cfg.distill_weight > 0)
+            distill = rest[0] if rest else None
         total = loss
         if lm is not None and cfg.lm_weight:
             total = total + cfg.lm_weight * lm
         if kl is not None:
             total = total + cfg.kl_weight * kl
+        if distill is not None:
+            total = total + cfg.distill_weight * distill
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
@@ -428,7 +465,9 @@ def train(
             record = {"step": step, "stage": cfg.stage(step - 1), "segments": cfg.curriculum[cfg.stage(step - 1)],
                       "loss": round(float(loss.detach()), 5), "acc": round(float(acc), 4),
                       "context_lm_loss": round(float(lm.detach()), 5) if lm is not None else None,
-                      "context_kl": round(float(kl.detach()), 6) if kl is not None else None, "lr": sched.get_last_lr()[0],
+                      "context_kl": round(float(kl.detach()), 6) if kl is not None else None,
+                      "context_distill": round(float(distill.detach()), 5) if distill is not None else None,
+                      "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -478,7 +517,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     saved = json.loads(state["train_config"])
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
-             "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context")
+             "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context", "distill_weight")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:

@@ -36,6 +36,7 @@ class MemoryOutput:
     loss: torch.Tensor | None
     memory_state: MemoryState
     stats: list[dict[str, torch.Tensor]] | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # the base's, when asked (output_hidden_states=True)
 
 
 class MemoryWrapper(nn.Module):

@@ -40,6 +40,9 @@ def train(
         1, help="Questions asked about each context read (its own + others its facts answer)."),
     kl_weight: float = typer.Option(0.0, help="Weight of KL(bare || memory) at those positions (0 for a fresh memory)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute the base's activations in backward."),
+    distill_weight: float = typer.Option(
+        0.0, help="Weight of matching, at the question, the hidden states after each memory layer to the bare base's "
+                  "with the whole context in its window."),
     in_context: bool = typer.Option(
         False, help="A ceiling, not a memory: train only the base's LoRA (--lora-rank) on the whole context in one "
                     "window, the memory switched off."),
@@ -69,6 +72,7 @@ def train(
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
             questions_per_context=questions_per_context, in_context=in_context,
+            distill_weight=distill_weight,
         )
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
