@@ -160,12 +160,12 @@ def test_kl_to_the_bare_base_is_zero_for_a_fresh_memory_and_trains(tmp_path, kin
     mm = attach_memory(base, GMA6Config(memory_type=kind, num_slots=4, memory_dim=16, num_heads=2))
     cfg = small_cfg(kl_weight=1.0, lm_positions=4, curriculum=[2], steps_per_stage=4)
     batch = make_batch(cfg, 0, TOK, TOK.bos_token_id)
-    _, _, lm, kl = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+    _, _, lm, kl, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
     assert lm is None or lm > 0
     if kind == "gated":  # the gated memory starts as a no-op; RMT's memory tokens change attention at once
         assert float(kl.detach()) == pytest.approx(0.0, abs=1e-6)
         perturb(mm)
-        _, _, _, kl = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+        _, _, _, kl, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
     assert 1e-4 < float(kl.detach()) < 100
     train(mm, TOK, cfg, tmp_path, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -187,7 +187,7 @@ def test_several_questions_per_context_share_one_read(tmp_path):
     one = make_batch(small_cfg(curriculum=[2], steps_per_stage=4), 0, TOK, TOK.bos_token_id)
     assert torch.equal(one.context, batch.context)  # the same contexts as with one question each
     mm = fresh()
-    loss, acc, _, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 0)
+    loss, acc, *_ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 0)
     assert loss.isfinite() and 0 <= float(acc) <= 1
     train(mm, TOK, cfg, tmp_path / "whole", progress=False)
     resumed = resume_and_finish(cfg, tmp_path / "part", max_steps=2)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -188,16 +188,25 @@ def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_i
     With ``lm_positions > 0`` the loss also holds the next-token loss of the context at that many
     random positions a segment (see ``context_lm_loss``), averaged with the answer loss by the caller.
     """
-    loss, acc, _, _ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions)
+    loss, acc, *_ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions)
     return loss, acc
 
 
+class Losses(NamedTuple):
+    """One batch's terms; those not asked for are None."""
+
+    answer: torch.Tensor
+    accuracy: torch.Tensor
+    context_lm: torch.Tensor | None = None
+    context_kl: torch.Tensor | None = None
+    context_distill: torch.Tensor | None = None
+
+
 def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
-            bptt_segments: int | None, lm_positions: int, kl: bool = False, distill: bool = False,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | tuple:
+            bptt_segments: int | None, lm_positions: int, kl: bool = False, distill: bool = False) -> Losses:
     """Answer loss and accuracy; the context's next-token loss and KL to the bare base at
-    ``lm_positions`` random positions a segment (None when not asked for); with ``distill``, a fifth
-    value: ``context_distill_loss`` of the question pass."""
+    ``lm_positions`` random positions a segment; with ``distill``, ``context_distill_loss`` of the
+    question pass."""
     b = batch.context.shape[0]
     state = model.init_state(b)
     segments = split_segments(batch.context, batch.context_mask, segment_length, bos_token_id)
@@ -234,9 +243,8 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     loss, acc = _answer_terms(out.logits, batch.question, batch.answer_mask, answer_len)
     lm = torch.stack(lm_terms).mean() if lm_terms else None
     kl_loss = torch.stack(kl_terms).mean() if kl_terms else None
-    if distill:
-        return loss, acc, lm, kl_loss, context_distill_loss(model, batch, bos_token_id, out.hidden_states)
-    return loss, acc, lm, kl_loss
+    distill_loss = context_distill_loss(model, batch, bos_token_id, out.hidden_states) if distill else None
+    return Losses(loss, acc, lm, kl_loss, distill_loss)
 
 
 def context_distill_loss(model: nn.Module, batch: Batch, bos_token_id: int | None,
@@ -436,15 +444,13 @@ def train(
     )
     for batch in batches:
         batch = batch.to(model.device)
-        distill = None
         if cfg.in_context:
-            (loss, acc), lm, kl = _in_context_losses(model, batch, bos), None, None
+            loss, acc, lm, kl, distill = Losses(*_in_context_losses(model, batch, bos))
         else:
-            loss, acc, lm, kl, *rest = _losses(
+            loss, acc, lm, kl, distill = _losses(
                 model, batch, cfg.segment_length, bos, cfg.bptt_segments,
                 cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0,
                 distill=cfg.distill_weight > 0)
-            distill = rest[0] if rest else None
         total = loss
         if lm is not None and cfg.lm_weight:
             total = total + cfg.lm_weight * lm
