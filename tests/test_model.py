@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -309,37 +311,38 @@ def test_half_precision_read_computes_in_the_base_dtype_and_is_as_close_to_fp32(
         assert err_fast < 0.05 and err_fast <= 1.5 * err_slow, (err_fast, err_slow)
 
 
+@contextlib.contextmanager
+def _masks_given_to(base):
+    """Records, for every forward of ``base``, whether it was given no attention mask."""
+    seen: list[bool] = []
+    spy = base.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("attention_mask") is None),
+                                         with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        spy.remove()
+
+
 def test_read_gives_the_base_no_padding_mask_where_a_segment_has_no_padding(tiny_model):
     """transformers checks a given padding mask on the host (a device sync); full segments skip it."""
     mm = attach_memory(tiny_model, GMA6Config(**SMALL))
     _perturb(mm)
-    seen = []
-    spy = tiny_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw.get("attention_mask") is None), with_kwargs=True)
-    try:
+    with _masks_given_to(tiny_model) as seen:
         ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(8))
         mask = torch.ones_like(ids)
         mask[1, 14:] = 0  # row 1 ends inside the second segment
         mm.read(ids, segment_length=8, attention_mask=mask)
-    finally:
-        spy.remove()
     assert seen == [True, False, False]  # segment 0 is full in both rows; 1 and 2 hold padding
 
 
 def test_a_forward_without_a_mask_gives_the_base_none_and_equals_an_all_ones_mask(tiny_model):
     mm = attach_memory(tiny_model, GMA6Config(**SMALL))
     _perturb(mm)
-    seen = []
-    spy = tiny_model.register_forward_pre_hook(
-        lambda m, a, kw: seen.append(kw.get("attention_mask") is None), with_kwargs=True)
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(9))
-    try:
-        with torch.no_grad():
-            state = mm.init_state(2)
-            a = mm(input_ids=ids, memory_state=state)
-            b = mm(input_ids=ids, attention_mask=torch.ones_like(ids), memory_state=state)
-    finally:
-        spy.remove()
+    with _masks_given_to(tiny_model) as seen, torch.no_grad():
+        state = mm.init_state(2)
+        a = mm(input_ids=ids, memory_state=state)
+        b = mm(input_ids=ids, attention_mask=torch.ones_like(ids), memory_state=state)
     assert seen == [True, False]
     assert torch.allclose(a.logits, b.logits, atol=1e-6)
     for name in ("memory", "usage", "age", "tokens_read"):

@@ -275,7 +275,6 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
 def _estimate(system: str, mm: MemoryModel, batch: int, context: int, segment: int | None) -> float:
     if system == "memory":
         return estimate_peak_bytes(mm, batch, segment) / GiB
-    # No system keeps a KV cache: none reads it, and the one-pass base's would grow with the context.
     if system == "base_segments":
         return estimate_peak_bytes(mm.base, batch, segment) / GiB
     return estimate_peak_bytes(mm.base, batch, context) / GiB

@@ -218,13 +218,13 @@ class MemoryModel(MemoryWrapper):
                                 hidden_states=getattr(out, "hidden_states", None))
         # A sample with no real token in this segment would attend to nothing (NaN in the base);
         # show it one token, then keep its memory unchanged in the write.
-        base_mask: torch.Tensor | None = mask.long()
-        if full:  # transformers checks a given padding mask on the host (a sync per mask type)
-            base_mask = None
-        elif packed:  # a row with any token has one at 0
-            base_mask[:, 0] = 1
-        else:
-            base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
+        base_mask: torch.Tensor | None = None  # full: transformers checks a given mask on the host (a sync)
+        if not full:
+            base_mask = mask.long()
+            if packed:  # a row with any token has one at 0
+                base_mask[:, 0] = 1
+            else:
+                base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
         call = _Call(memory=state.memory, collect=write, return_stats=return_stats,
                      kv=self.controller.read_keys_values(state.memory, kv_dtype))
