@@ -14,6 +14,7 @@ import time
 import torch
 
 import gma6
+from gma6.io import atomic_write_text
 
 
 def wall_ms(fn, n: int = 20, rounds: int = 3) -> float:
@@ -92,8 +93,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "batch": args.batch, "tokens": args.tokens, "rows": rows}
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
