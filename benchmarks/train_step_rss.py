@@ -30,7 +30,7 @@ cfg = TrainConfig(curriculum=[args.segments], batch_size=args.batch, segment_len
                   lm_positions=args.positions, kl_weight=1.0)
 batch = make_batch(cfg, 0, tok, tok.bos_token_id, tok.pad_token_id or 0)
 t = time.time()
-loss, acc, lm, kl, _ = _losses(mm, batch, 256, tok.bos_token_id, None, args.positions, kl=True)
+loss, acc, lm, kl, *_ = _losses(mm, batch, 256, tok.bos_token_id, None, args.positions, kl=True)
 (loss + kl).backward()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 g = sum(float(p.grad.abs().sum()) for p in mm.parameters() if p.grad is not None)

@@ -367,3 +367,19 @@ def test_the_tokens_write_rule_starts_as_a_no_op_and_round_trips(tiny_model, tmp
     with torch.no_grad():
         again = loaded(input_ids=x[:, :5], memory_state=loaded.read(x, segment_length=6)).logits
     assert torch.allclose(again, got, atol=1e-6) and state.age.max() > 0
+
+
+def test_split_aligned_cuts_per_token_values_as_split_segments_cuts_the_tokens():
+    from gma6.model import split_aligned, split_segments
+
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10, 0], [1, 11, 12, 0, 0, 0, 0, 0]])
+    mask = ids != 0
+    mask[1, 0] = False  # row 1 left-padded: its BOS is padding, its text starts at 1
+    for bos in (None, 1):
+        segs = split_segments(ids, mask, 4, bos)
+        vals = split_aligned(ids, ids, mask, 4, bos)  # values = the ids themselves: must come out equal
+        assert len(vals) == len(segs)
+        for (s_ids, s_mask), v in zip(segs, vals):
+            assert torch.equal(v[s_mask], s_ids[s_mask] if bos is None else torch.where(s_ids == bos, 0, s_ids)[s_mask])
+    with pytest.raises(ValueError, match="shape"):
+        split_aligned(ids[:, :3], ids, mask, 4)

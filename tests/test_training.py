@@ -160,12 +160,13 @@ def test_kl_to_the_bare_base_is_zero_for_a_fresh_memory_and_trains(tmp_path, kin
     mm = attach_memory(base, GMA6Config(memory_type=kind, num_slots=4, memory_dim=16, num_heads=2))
     cfg = small_cfg(kl_weight=1.0, lm_positions=4, curriculum=[2], steps_per_stage=4)
     batch = make_batch(cfg, 0, TOK, TOK.bos_token_id)
-    _, _, lm, kl, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+    terms = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+    lm, kl = terms.context_lm, terms.context_kl
     assert lm is None or lm > 0
     if kind == "gated":  # the gated memory starts as a no-op; RMT's memory tokens change attention at once
         assert float(kl.detach()) == pytest.approx(0.0, abs=1e-6)
         perturb(mm)
-        _, _, _, kl, _ = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True)
+        kl = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 4, kl=True).context_kl
     assert 1e-4 < float(kl.detach()) < 100
     train(mm, TOK, cfg, tmp_path, progress=False)
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
@@ -293,7 +294,7 @@ def test_context_distill_is_zero_where_the_memory_sees_what_the_window_sees_and_
     # With a context the window sees it and the memory (fresh) does not: a positive loss, logged, that trains it
     eps = [Episode(context=[40, 41, 42, 43], question=[20, 21, 22], answer=[30])] * 2
     with torch.no_grad():
-        *_, distill = _losses(mm, collate(eps, TOK.bos_token_id, 0), 48, TOK.bos_token_id, None, 0, distill=True)
+        distill = _losses(mm, collate(eps, TOK.bos_token_id, 0), 48, TOK.bos_token_id, None, 0, distill=True).context_distill
     assert float(distill) > 1e-4
     cfg = small_cfg(curriculum=[1], steps_per_stage=3, distill_weight=1.0)
     train(mm, TOK, cfg, tmp_path, progress=False)
@@ -301,3 +302,46 @@ def test_context_distill_is_zero_where_the_memory_sees_what_the_window_sees_and_
     assert all(r["context_distill"] is not None and r["context_distill"] > 0 for r in rows)
     with pytest.raises(ValueError, match="other settings"):
         train(fresh(), TOK, small_cfg(curriculum=[1], steps_per_stage=4), tmp_path, progress=False)
+
+
+# ------------------------------------------------------------------ supervising the tokens write
+def test_fact_masks_mark_exactly_the_fact_sentences_tokens():
+    from gma6.data.generator import generate_sample
+    from gma6.data.prompts import prompt_parts
+    from gma6.episodes import encode_episode
+
+    s = generate_sample("qa1", 300, 5, TOK, split="train", num_facts=3)
+    e = encode_episode(s, TOK, facts=True)
+    assert len(e.context_facts) == len(e.context)
+    marked = [i for i, f in zip(e.context, e.context_facts) if f]
+    assert marked == [i for fact in s.facts for i in TOK.encode(fact, add_special_tokens=False)]
+    assert encode_episode(s, TOK).context_facts is None and e.context == encode_episode(s, TOK).context
+    assert prompt_parts(s).context.count(s.facts[0]) >= 1
+
+
+def test_fact_masks_need_a_tokenizer_with_offsets():
+    from gma6.data.generator import generate_sample
+    from gma6.episodes import encode_episode
+
+    class NoOffsets:
+        def encode(self, text, add_special_tokens=False):
+            return TOK.encode(text, add_special_tokens)
+
+    s = generate_sample("qa1", 100, 1, TOK, split="train", num_facts=2)
+    with pytest.raises(TypeError, match="offsets"):
+        encode_episode(s, NoOffsets(), facts=True)
+
+
+def test_selection_supervision_teaches_the_write_which_tokens_are_facts(tmp_path):
+    """With only the selection loss switched on hard, the write's scores learn to separate fact tokens."""
+    base = tiny_gemma3(seed=0, vocab=128, hidden=32)
+    mm = attach_memory(base, GMA6Config(num_slots=24, memory_dim=None, num_heads=2, layers=[1], write_rule="tokens",
+                                        tokens_per_segment=12, read_rule="base", token_retention="priority"))
+    cfg = small_cfg(select_weight=5.0, curriculum=[2], steps_per_stage=30, lr=1e-2)
+    train(mm, TOK, cfg, tmp_path, progress=False)
+    logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert logs[-1]["write_select"] < 0.6 * logs[0]["write_select"]
+    with pytest.raises(ValueError, match="write_rule='tokens'"):
+        train(fresh(), TOK, small_cfg(select_weight=1.0), tmp_path / "slots", progress=False)
+    with pytest.raises(ValueError, match="select_weight"):
+        small_cfg(select_weight=1.0, in_context=True, lora_rank=2)

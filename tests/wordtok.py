@@ -23,6 +23,14 @@ class WordTokenizer:
         ids = [self._id(w) for w in re.findall(r"\w+|[^\w\s]", text.lower())]
         return ([self.bos_token_id] if add_special_tokens else []) + ids
 
+    def __call__(self, text: str, add_special_tokens: bool = True, return_offsets_mapping: bool = False) -> dict:
+        """As a fast Hugging Face tokenizer: ids and, when asked, each token's character span."""
+        found = list(re.finditer(r"\w+|[^\w\s]", text))
+        out = {"input_ids": self.encode(text, add_special_tokens)}
+        if return_offsets_mapping:
+            out["offset_mapping"] = ([(0, 0)] if add_special_tokens else []) + [m.span() for m in found]
+        return out
+
     def _id(self, word: str) -> int:
         if word in self.vocab:
             return self.vocab[word]

@@ -13,6 +13,8 @@ CONFIG_NAME = "gma6_config.json"
 MEMORY_TYPES = ("gated", "rmt")
 ADDRESSING = ("content", "content+usage")
 WRITE_RULES = ("slots", "tokens")
+READ_RULES = ("memory", "base")
+RETENTIONS = ("recent", "priority")
 
 
 @dataclass
@@ -38,6 +40,17 @@ class GMA6Config:
             written as new slots, each through its own sigmoid input gate; older slots decay by a
             learned sigmoid forget gate and the oldest are dropped: token-level bindings are kept).
         tokens_per_segment: new slots a segment for ``write_rule="tokens"``.
+        token_retention: which slots the tokens rule keeps when full: "recent" (the newest) or
+            "priority" (the highest input gate, decayed by ``usage_decay`` a segment; kept in the
+            order they were read, so a fact read late stays after one read early).
+        read_rule: "memory" (the memory's own multi-head cross-attention, LM2) or "base" (the
+            slots hold the base's own normalised hidden states of the tokens written, and each
+            memory layer reads them through the *next* decoder layer's attention projections,
+            RoPE and output norm, as if they were earlier tokens of the window; a separate softmax
+            with a learned sink, each slot's logit biased by the log of its usage, added to the
+            residual through a tanh gate that starts at zero). Needs ``write_rule="tokens"`` and
+            slots as wide as the base (``memory_dim=None``); the memory's own weights are then only
+            the gates and the write's scorer.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.
         write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
@@ -65,6 +78,8 @@ class GMA6Config:
     addressing: str = "content"
     write_rule: str = "slots"
     tokens_per_segment: int = 4
+    token_retention: str = "recent"
+    read_rule: str = "memory"
     usage_decay: float = 0.9
     usage_weight: float = 1.0
     write_threshold: float = 0.1
@@ -105,6 +120,13 @@ class GMA6Config:
         if self.write_rule not in WRITE_RULES:
             raise ValueError(f"write_rule={self.write_rule!r}: expected one of {WRITE_RULES}")
         _positive_int("tokens_per_segment", self.tokens_per_segment)
+        if self.token_retention not in RETENTIONS:
+            raise ValueError(f"token_retention={self.token_retention!r}: expected one of {RETENTIONS}")
+        if self.read_rule not in READ_RULES:
+            raise ValueError(f"read_rule={self.read_rule!r}: expected one of {READ_RULES}")
+        if self.read_rule == "base" and (self.write_rule != "tokens" or self.memory_type != "gated"):
+            raise ValueError("read_rule='base' reads tokens the base's own attention can attend to: it needs "
+                             "memory_type='gated' and write_rule='tokens'")
         if self.write_rule == "tokens":
             if self.addressing != "content":
                 raise ValueError(f"addressing={self.addressing!r} needs write_rule='slots' (the tokens rule "
@@ -164,6 +186,14 @@ class GMA6Config:
         if bad:
             raise ValueError(f"layers {bad} are beyond the model's depth ({num_hidden_layers} decoder layers, 0..{num_hidden_layers - 1})")
         dim = self.memory_dim if self.memory_dim is not None else hidden_size
+        if self.read_rule == "base":
+            if dim != hidden_size:
+                raise ValueError(f"read_rule='base' stores the base's hidden states: memory_dim must be None or "
+                                 f"{hidden_size} (the model's hidden size), got {self.memory_dim}")
+            last = [i for i in layers if i >= num_hidden_layers - 1]
+            if last:
+                raise ValueError(f"read_rule='base' reads through the next layer's attention: layers {last} have none "
+                                 f"(the model has {num_hidden_layers} decoder layers)")
         if dim % self.num_heads:
             raise ValueError(f"memory width {dim} is not divisible by num_heads={self.num_heads}")
         return dataclasses.replace(

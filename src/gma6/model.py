@@ -18,11 +18,12 @@ from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, rms_gain
 from .memory import MemoryController
 from .memory.attention import read_dtype
+from .memory.base_read import BaseAttentionRead, find_rotary, log_usage
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
 
 __all__ = ["WEIGHTS_NAME", "MemoryModel", "MemoryOutput", "attach_memory", "load_adapter", "memory_class",
-           "pack_left", "split_segments"]
+           "pack_left", "split_aligned", "split_segments"]
 
 _CALL_KWARG = "gma6_call"
 
@@ -35,6 +36,7 @@ class _Call:
     collect: bool
     return_stats: bool = False
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per memory layer, its slot keys and values
+    log_usage: torch.Tensor | None = None  # (B, L, S) for read_rule="base": the slots' logit bias
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -60,6 +62,9 @@ class MemoryModel(MemoryWrapper):
             self._gain_cache: dict[tuple, torch.Tensor] = {}
             # A plain list again (the base's modules are not the adapter's): whether each checkpoints.
             self._hooked_layers = [decoder_layers[i] for i in self.config.layers]
+            # read_rule="base": each memory layer reads through the next layer's attention (a plain list again)
+            self._base_reads = ([BaseAttentionRead(decoder_layers[i + 1], find_rotary(base)) for i in self.config.layers]
+                                if self.config.read_rule == "base" else None)
             self._hooks = LayerHooks(self._hooked_layers, self._make_hook)
             self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
                                 for slot, n in enumerate(self._reading_norms) if n is not None]
@@ -77,10 +82,14 @@ class MemoryModel(MemoryWrapper):
             # a launch-bound GPU pays for: index and cast only where needed.
             memory = call.memory
             kv = None if call.kv is None else call.kv[slot]
+            bias = None if call.log_usage is None else call.log_usage[:, slot]
             if memory.shape[0] != hidden.shape[0]:  # generate() expanded the batch (beams, samples)
                 r = hidden.shape[0] // memory.shape[0]
                 memory = memory.repeat_interleave(r, dim=0)
                 kv = None if kv is None else (kv[0].repeat_interleave(r, dim=0), kv[1].repeat_interleave(r, dim=0))
+                bias = None if bias is None else bias.repeat_interleave(r, dim=0)
+            if bias is not None:  # read_rule="base": the slots sit before the segment's own positions
+                kv = (bias, kwargs.get("position_ids"))
             if not call.return_stats and self._checkpointing(slot):
                 # The base checkpoints its layers' forward, not their hooks: without this the read's
                 # per-token activations would be kept for backward at every segment.
@@ -101,8 +110,15 @@ class MemoryModel(MemoryWrapper):
 
     def _read_into(self, slot: int, hidden: torch.Tensor, memory: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
                    return_stats: bool = False, with_stats: bool = False) -> Any:
-        """``hidden`` plus what it reads from one layer's slots (and the read's statistics if ``with_stats``)."""
+        """``hidden`` plus what it reads from one layer's slots (and the read's statistics if ``with_stats``).
+        For read_rule="base", ``kv`` is ``(log_usage (B, S), position_ids)`` instead."""
         norm, gain = self._reading_norms[slot], self._reading_gains[slot]
+        if self._base_reads is not None:
+            layer = self.controller.layers[slot]
+            bias, positions = kv
+            delta = self._base_reads[slot](norm(hidden), memory, bias, positions, layer.base_gate, layer.sink)
+            new = hidden + delta.to(hidden.dtype)
+            return (new, {}) if with_stats else new
         if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
             view = hidden * self._gain(slot, hidden.device, read_dtype(hidden.dtype, memory.dtype, return_stats))
         else:
@@ -159,6 +175,7 @@ class MemoryModel(MemoryWrapper):
         memory_state: MemoryState | None = None,
         write: bool = True,
         return_stats: bool = False,
+        write_targets: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MemoryOutput:
         """Run one segment: read the memory at the hooked layers, then write the segment into it.
@@ -170,14 +187,22 @@ class MemoryModel(MemoryWrapper):
             memory_state: the memory before this segment; None starts a fresh one.
             write: update the memory with this segment (False: read-only).
             return_stats: return per-layer gate, usage, age and attention statistics.
+            write_targets: (B, T) bool, the tokens worth writing (``write_rule="tokens"``): the
+                output's ``write_loss`` is then ``MemoryController.selection_loss`` of this segment.
             **kwargs: passed to the base model (e.g. ``logits_to_keep``).
         """
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
+        if write_targets is not None:
+            if not isinstance(write_targets, torch.Tensor) or write_targets.shape != input_ids.shape:
+                raise ValueError(f"write_targets must be a tensor of shape {tuple(input_ids.shape)} (one flag a token), "
+                                 f"got {getattr(write_targets, 'shape', type(write_targets).__name__)}")
+            if not write or self.config.write_rule != "tokens":
+                raise ValueError("write_targets supervise the tokens write: they need write=True and write_rule='tokens'")
         state = self._prepare_state(memory_state, input_ids.shape[0])
         # no mask given: no padding, so the base gets none to check (transformers syncs on a given one)
         return self._segment(input_ids, mask, state, labels, write, return_stats, packed=False,
-                             full=attention_mask is None, **kwargs)
+                             full=attention_mask is None, write_targets=write_targets, **kwargs)
 
     def _hidden_dtype(self) -> torch.dtype:
         """The dtype of the base's residual stream (its embeddings'; a 4-bit base computes in those too)."""
@@ -200,6 +225,7 @@ class MemoryModel(MemoryWrapper):
         return_stats: bool,
         packed: bool,
         full: bool = False,
+        write_targets: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> MemoryOutput:
         """One checked segment (``mask`` bool). ``packed``: every row's real tokens come first;
@@ -227,7 +253,7 @@ class MemoryModel(MemoryWrapper):
                 base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
         call = _Call(memory=state.memory, collect=write, return_stats=return_stats,
-                     kv=self.controller.read_keys_values(state.memory, kv_dtype))
+                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=self._log_usage(state))
         if self._pass_kwarg:
             kwargs[_CALL_KWARG] = call
         self._call = call
@@ -235,9 +261,11 @@ class MemoryModel(MemoryWrapper):
             out = self.base(input_ids=input_ids, attention_mask=base_mask, labels=labels, **kwargs)
         finally:
             self._call = None
-        new_state, stats = state, None
+        new_state, stats, write_loss = state, None, None
         if write:
             hiddens = self._written_hiddens(call)
+            if write_targets is not None:
+                write_loss = self.controller.selection_loss(hiddens, mask, write_targets.bool())
             if not return_stats and self._checkpointing():  # as for the read: recomputed in backward
                 new_state, stats = torch.utils.checkpoint.checkpoint(
                     self.controller.write, state, hiddens, mask, False, full, use_reentrant=False)
@@ -249,7 +277,10 @@ class MemoryModel(MemoryWrapper):
         if self.config.offload_to_cpu:
             new_state = new_state.to("cpu")
         return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats,
-                            hidden_states=getattr(out, "hidden_states", None))
+                            hidden_states=getattr(out, "hidden_states", None), write_loss=write_loss)
+
+    def _log_usage(self, state: MemoryState) -> torch.Tensor | None:
+        return log_usage(state.usage) if self._base_reads is not None else None
 
     @torch.no_grad()
     def generate(
@@ -264,7 +295,8 @@ class MemoryModel(MemoryWrapper):
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
-        self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype))
+        self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
+                           log_usage=self._log_usage(state))
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)
         finally:
@@ -371,6 +403,34 @@ def split_segments(
             ids = torch.cat([torch.full((b, 1), bos_token_id, dtype=ids.dtype, device=ids.device), ids], 1)
             m = torch.cat([m[:, :1], m], 1)  # BOS only where the segment has text
         out.append((ids, m))
+    return out
+
+
+def split_aligned(
+    values: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, segment_length: int, bos_token_id: int | None = None
+) -> list[torch.Tensor]:
+    """``values`` (B, N), one per token of ``input_ids``, cut exactly as ``split_segments`` cuts the
+    tokens (a BOS it adds gets 0 / False): per-token targets that follow their tokens into segments."""
+    if values.shape != input_ids.shape:
+        raise ValueError(f"values shape {tuple(values.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    mask = mask.bool()
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # pack_left's order
+    ids, values, mask = input_ids.gather(1, order), values.gather(1, order), mask.gather(1, order)
+    if bos_token_id is not None:
+        lead = (ids[:, 0] == bos_token_id) & mask[:, 0]
+        if bool(lead.any()):
+            mask = mask.clone()
+            mask[:, 0] &= ~lead
+            order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+            values, mask = values.gather(1, order), mask.gather(1, order)
+    step = segment_length - (bos_token_id is not None)
+    width = int(mask.sum(1).max())
+    out = []
+    for s in range(0, max(width, 1), step):
+        v = values[:, s : s + step]
+        if bos_token_id is not None:
+            v = torch.cat([torch.zeros_like(v[:, :1]), v], 1)
+        out.append(v)
     return out
 
 

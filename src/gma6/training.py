@@ -28,7 +28,7 @@ from .data.generator import derive_seed, generate_sample
 from .data.vocab import TASKS, check_task
 from .episodes import Batch, collate, collate_questions, encode_episode, encode_question
 from .io import atomic_write, atomic_write_text
-from .model import split_segments
+from .model import split_aligned, split_segments
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
@@ -63,6 +63,10 @@ class TrainConfig:
         distill_weight: weight of matching, at the question's tokens, the hidden states after each
             memory layer to those the bare base makes with the whole context in its window (a dense
             target for what the memory should deliver; an extra no-grad pass of the base a batch).
+        select_weight: weight of supervising the tokens write's choice (``write_rule="tokens"``):
+            binary cross-entropy of each context token's write score against whether it belongs to
+            one of the story's fact sentences (known for generated samples). Teaches *what* to keep
+            directly, where the answer loss reaches the choice only through the kept tokens' gates.
         in_context: a ceiling, not a memory: the base reads ``BOS + context + question`` in one
             window with the memory switched off and only its LoRA trained (needs ``lora_rank``).
             What the base can learn of the tasks when it sees every fact at once.
@@ -90,6 +94,7 @@ class TrainConfig:
     questions_per_context: int = 1
     in_context: bool = False
     distill_weight: float = 0.0
+    select_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
@@ -113,7 +118,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
-        for name in ("lm_weight", "kl_weight", "distill_weight"):
+        for name in ("lm_weight", "kl_weight", "distill_weight", "select_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"{name}={v!r}: expected a number >= 0")
@@ -122,9 +127,9 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
         if self.in_context and (self.lora_rank == 0 or self.lm_weight or self.kl_weight or self.bptt_segments
-                                or self.distill_weight):
+                                or self.distill_weight or self.select_weight):
             raise ValueError("in_context trains the base's LoRA on whole-context prompts: it needs lora_rank > 0 and "
-                             "takes no lm_weight, kl_weight, distill_weight or bptt_segments")
+                             "takes no lm_weight, kl_weight, distill_weight, select_weight or bptt_segments")
 
     @property
     def total_steps(self) -> int:
@@ -149,7 +154,7 @@ def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | 
         task = cfg.tasks[i % len(cfg.tasks)]
         seed = derive_seed("train", task, i, cfg.seed)
         sample = generate_sample(task, length, seed, tokenizer, num_facts=cfg.num_facts, split="train")
-        episode = encode_episode(sample, tokenizer)
+        episode = encode_episode(sample, tokenizer, facts=cfg.select_weight > 0)
         episodes.append(episode)
         if cfg.questions_per_context > 1:
             questions.append(episode)
@@ -200,24 +205,31 @@ class Losses(NamedTuple):
     context_lm: torch.Tensor | None = None
     context_kl: torch.Tensor | None = None
     context_distill: torch.Tensor | None = None
+    write_select: torch.Tensor | None = None
 
 
 def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
-            bptt_segments: int | None, lm_positions: int, kl: bool = False, distill: bool = False) -> Losses:
+            bptt_segments: int | None, lm_positions: int, kl: bool = False, distill: bool = False,
+            select: bool = False) -> Losses:
     """Answer loss and accuracy; the context's next-token loss and KL to the bare base at
     ``lm_positions`` random positions a segment; with ``distill``, ``context_distill_loss`` of the
-    question pass."""
+    question pass; with ``select``, the write's selection loss against ``batch.context_facts``."""
     b = batch.context.shape[0]
     state = model.init_state(b)
     segments = split_segments(batch.context, batch.context_mask, segment_length, bos_token_id)
-    lm_terms, kl_terms = [], []
+    if select and batch.context_facts is None:
+        raise ValueError("the selection loss needs batch.context_facts (encode_episode(..., facts=True))")
+    facts = (split_aligned(batch.context_facts, batch.context, batch.context_mask, segment_length, bos_token_id)
+             if select else [None] * len(segments))
+    lm_terms, kl_terms, select_terms = [], [], []
     for k, (ids, mask) in enumerate(segments):
         if bptt_segments is not None and len(segments) - k > bptt_segments:
             state = state.detach()
+        targets = {} if facts[k] is None else {"write_targets": facts[k]}
         if lm_positions and ids.shape[1] > 2:
             # A few random positions a segment: full 262k-wide logits for every token would not fit.
             pos = torch.randperm(ids.shape[1] - 1)[:lm_positions].sort().values.to(ids.device)
-            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=pos)
+            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=pos, **targets)
             valid = mask[:, pos] & mask[:, pos + 1]
             target = ids[:, pos + 1].masked_fill(~valid, -100)
             bare = None
@@ -232,7 +244,9 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
             if kl:
                 kl_terms.append(kl_term)
         else:
-            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1)
+            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1, **targets)
+        if targets:
+            select_terms.append(out.write_loss)
         state = out.memory_state
     if batch.question_source is not None:  # several questions about one read of a context
         state = state.select(batch.question_source)
@@ -244,7 +258,8 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     lm = torch.stack(lm_terms).mean() if lm_terms else None
     kl_loss = torch.stack(kl_terms).mean() if kl_terms else None
     distill_loss = context_distill_loss(model, batch, bos_token_id, out.hidden_states) if distill else None
-    return Losses(loss, acc, lm, kl_loss, distill_loss)
+    select_loss = torch.stack(select_terms).mean() if select_terms else None
+    return Losses(loss, acc, lm, kl_loss, distill_loss, select_loss)
 
 
 def context_distill_loss(model: nn.Module, batch: Batch, bos_token_id: int | None,
@@ -414,6 +429,8 @@ def train(
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     if cfg.lora_rank and not getattr(model.config, "lora_rank", 0):
         model.add_lora(cfg.lora_rank)  # saved with the adapter (lora_adapter.safetensors)
+    if cfg.select_weight and getattr(model.config, "write_rule", None) != "tokens":
+        raise ValueError("select_weight supervises the tokens write: the model needs write_rule='tokens'")
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -445,12 +462,12 @@ def train(
     for batch in batches:
         batch = batch.to(model.device)
         if cfg.in_context:
-            loss, acc, lm, kl, distill = Losses(*_in_context_losses(model, batch, bos))
+            loss, acc, lm, kl, distill, select = Losses(*_in_context_losses(model, batch, bos))
         else:
-            loss, acc, lm, kl, distill = _losses(
+            loss, acc, lm, kl, distill, select = _losses(
                 model, batch, cfg.segment_length, bos, cfg.bptt_segments,
                 cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0,
-                distill=cfg.distill_weight > 0)
+                distill=cfg.distill_weight > 0, select=cfg.select_weight > 0)
         total = loss
         if lm is not None and cfg.lm_weight:
             total = total + cfg.lm_weight * lm
@@ -458,6 +475,8 @@ def train(
             total = total + cfg.kl_weight * kl
         if distill is not None:
             total = total + cfg.distill_weight * distill
+        if select is not None:
+            total = total + cfg.select_weight * select
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         opt.step()
@@ -473,6 +492,7 @@ def train(
                       "context_lm_loss": round(float(lm.detach()), 5) if lm is not None else None,
                       "context_kl": round(float(kl.detach()), 6) if kl is not None else None,
                       "context_distill": round(float(distill.detach()), 5) if distill is not None else None,
+                      "write_select": round(float(select.detach()), 5) if select is not None else None,
                       "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
             with open(out / "log.jsonl", "a") as f:

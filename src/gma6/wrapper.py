@@ -37,6 +37,7 @@ class MemoryOutput:
     memory_state: MemoryState
     stats: list[dict[str, torch.Tensor]] | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # the base's, when asked (output_hidden_states=True)
+    write_loss: torch.Tensor | None = None  # the write's selection loss, when write_targets were given
 
 
 class MemoryWrapper(nn.Module):

@@ -24,6 +24,12 @@ def train(
         "slots", help="slots (LM2: slots attend to the segment, gated) or tokens (each segment's top-scoring tokens "
                       "become new slots, the oldest drop out)."),
     tokens_per_segment: int = typer.Option(4, help="New slots a segment with --write-rule tokens."),
+    token_retention: str = typer.Option(
+        "recent", help="With --write-rule tokens, which slots stay when full: recent, or priority (highest decayed gate)."),
+    read_rule: str = typer.Option(
+        "memory", help="memory (the memory's own cross-attention) or base (with --write-rule tokens and --memory-dim 0: "
+                       "slots hold the base's own hidden states, read through the next layer's attention)."),
+    usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
     tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on."),
     segment_length: int = typer.Option(256, help="Tokens per segment (BOS included)."),
@@ -43,6 +49,9 @@ def train(
     distill_weight: float = typer.Option(
         0.0, help="Weight of matching, at the question, the hidden states after each memory layer to the bare base's "
                   "with the whole context in its window."),
+    select_weight: float = typer.Option(
+        0.0, help="With --write-rule tokens: weight of supervising which tokens are written (the story's fact "
+                  "sentences, known for generated samples)."),
     in_context: bool = typer.Option(
         False, help="A ceiling, not a memory: train only the base's LoRA (--lora-rank) on the whole context in one "
                     "window, the memory switched off."),
@@ -72,15 +81,18 @@ def train(
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
             questions_per_context=questions_per_context, in_context=in_context,
-            distill_weight=distill_weight,
+            distill_weight=distill_weight, select_weight=select_weight,
         )
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
-            write_rule=write_rule, tokens_per_segment=tokens_per_segment,
+            write_rule=write_rule, tokens_per_segment=tokens_per_segment, token_retention=token_retention,
+            read_rule=read_rule, usage_decay=usage_decay,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
+    if select_weight and init_adapter is None and write_rule != "tokens":
+        raise typer.BadParameter("--select-weight supervises the tokens write: it needs --write-rule tokens")
     if time_limit is not None and not time_limit > 0:
         raise typer.BadParameter(f"--time-limit={time_limit}: expected a positive number of seconds")
     if init_adapter is not None:
@@ -96,7 +108,10 @@ def train(
 
         mm = load_adapter(base, init_adapter, gradient_checkpointing=gradient_checkpointing)
     else:
-        mm = attach_memory(base, mcfg)
+        try:
+            mm = attach_memory(base, mcfg)
+        except ValueError as e:  # what only the model's dimensions can check (e.g. --read-rule base's width)
+            raise typer.BadParameter(str(e)) from e
     mm.print_trainable_parameters()
     last = run(mm, tok, tcfg, out, resume=resume, max_steps=max_steps, command=command_line(),
               num_workers=workers if workers >= 0 else (4 if dev.type == "cuda" else 0), time_limit=time_limit)

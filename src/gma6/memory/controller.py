@@ -47,11 +47,16 @@ class MemoryController(nn.Module):
         self.layers = nn.ModuleList(
             EnhancedMemoryLayer(
                 config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias,
-                config.write_rule,
+                config.write_rule, config.read_rule, config.token_retention,
             )
             for _ in self.layer_ids
         )
-        self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
+        if config.read_rule == "base":
+            # Never read (an unwritten slot has usage 0, which the read masks out): zeros, neither
+            # trained nor saved (the hidden-wide bank would be most of the adapter's bytes).
+            self.register_buffer("initial_memory", torch.zeros(len(self.layer_ids), config.num_slots, dim), persistent=False)
+        else:
+            self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
         self._stack_cache: dict[str, tuple[tuple, dict[str, torch.Tensor]]] = {}
         # Where each parameter is registered: looked up afresh per call (a reassigned parameter is
         # seen), without ``parameters()``'s module walk, which costs more than the cached stacks save.
@@ -196,13 +201,28 @@ class MemoryController(nn.Module):
             self._stack_cache.pop(group, None)
         return w
 
+    def selection_loss(self, hiddens: list[torch.Tensor], mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy of the tokens write's scores against ``targets`` (B, T) bool (the
+        tokens worth keeping, e.g. a story's fact sentences), over real tokens, averaged over layers:
+        supervision of *what* to write, separate from how it is read."""
+        if self.config.write_rule != "tokens":
+            raise ValueError("selection_loss needs write_rule='tokens' (only that rule scores tokens)")
+        if targets.shape != mask.shape:
+            raise ValueError(f"write targets shape {tuple(targets.shape)} != segment shape {tuple(mask.shape)}")
+        target = targets[mask].float()
+        terms = [F.binary_cross_entropy_with_logits(layer.selection_logits(h.to(self.initial_memory.dtype))[mask], target)
+                 for layer, h in zip(self.layers, hiddens)]
+        return torch.stack(terms).mean()
+
     def read_keys_values(
         self, memory: torch.Tensor, dtype: torch.dtype | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """The read's keys and values of every layer's slots at once: memory (B, L, S, D) -> per
         layer ``(k, v)``, each (B, n, S, d), computed in the memory's dtype, returned in ``dtype``
         (default: the same). The same maths as ``MemoryAttentionGate`` (one step a segment instead
-        of one a layer)."""
+        of one a layer). None for ``read_rule="base"`` (the base's own projections read the slots)."""
+        if self.config.read_rule == "base":
+            return None
         w = self._stacked("read")
         gate = self.layers[0].read_gate
         mem = memory.transpose(0, 1)  # (L, B, S, D)

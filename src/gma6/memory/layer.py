@@ -22,8 +22,14 @@ class EnhancedMemoryLayer(nn.Module):
     Write ("tokens"): a learned score ``s_t = w_s . norm(h_t) + b_s`` picks the segment's top-k tokens;
     each becomes a new slot ``sigmoid(s_t) * tanh(W_v norm(h_t))`` (its score is its input gate), in
     token order after the older slots, which decay by ``sigmoid(f)`` (a learned forget gate per
-    dimension) and of which the oldest k drop out. A token's own hidden state carries what the base
-    bound to it (who went where), which a slot's attention-weighted mean over the segment blurs.
+    dimension) and of which the oldest k drop out (``retention="recent"``) or those of lowest decayed
+    input gate (``"priority"``). A token's own hidden state carries what the base bound to it (who
+    went where), which a slot's attention-weighted mean over the segment blurs.
+
+    Read ("base", with the tokens write): the slots hold the chosen tokens' hidden states as they are
+    (``h_t``, the base's own normalised view) and are read through the next decoder layer's attention
+    (``BaseAttentionRead``); this layer owns only that read's gate (H,) and sink logit. The input gate
+    ``sigmoid(s_t)`` is kept as the slot's usage, whose log biases the read's logits.
     """
 
     def __init__(
@@ -35,17 +41,26 @@ class EnhancedMemoryLayer(nn.Module):
         input_bias: float = 0.0,
         output_gate_bias: float = 0.0,
         write_rule: str = "slots",
+        read_rule: str = "memory",
+        retention: str = "recent",
     ) -> None:
         super().__init__()
         self.heads = heads
         self.write_rule = write_rule
-        self.read_gate = MemoryAttentionGate(hidden_size, dim, heads, output_gate_bias)
+        self.read_rule = read_rule
+        self.retention = retention
+        if read_rule == "base":
+            self.base_gate = nn.Parameter(torch.zeros(hidden_size))  # tanh(0) = 0: outputs unchanged at first
+            self.sink = nn.Parameter(torch.zeros(()))
+        else:
+            self.read_gate = MemoryAttentionGate(hidden_size, dim, heads, output_gate_bias)
         self.norm_h = nn.RMSNorm(hidden_size, eps=1e-6)
         if write_rule == "tokens":
             self.score = nn.Linear(hidden_size, 1)
-            self.value = nn.Linear(hidden_size, dim)
-            self.forget = nn.Parameter(torch.full((dim,), float(forget_bias)))
             nn.init.constant_(self.score.bias, input_bias)
+            if read_rule != "base":
+                self.value = nn.Linear(hidden_size, dim)
+                self.forget = nn.Parameter(torch.full((dim,), float(forget_bias)))
             return
         self.norm_m = nn.RMSNorm(dim, eps=1e-6)
         self.q = nn.Linear(dim, dim, bias=False)
@@ -113,6 +128,10 @@ class EnhancedMemoryLayer(nn.Module):
                 stats["write_attention"] = att.mean(1)  # (B, S, T): which tokens each slot read
         return new, g_in_slot, stats
 
+    def selection_logits(self, h: torch.Tensor, hn: torch.Tensor | None = None) -> torch.Tensor:
+        """The tokens write's score of each token (B, T): the logit of its input gate."""
+        return self.score(self.norm_h(h) if hn is None else hn).squeeze(-1)
+
     def write_tokens(
         self,
         memory: torch.Tensor,
@@ -131,22 +150,35 @@ class EnhancedMemoryLayer(nn.Module):
         t = h.shape[1]
         k = min(k, t)
         hn = self.norm_h(h)
-        score = self.score(hn).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+        score = self.selection_logits(h, hn).masked_fill(~mask, float("-inf"))  # (B, T)
         top, idx = score.topk(k, dim=1)
         valid = torch.isfinite(top)
         # the chosen real tokens in their order in the segment (the latest fact last), padding picks after
         order = torch.where(valid, idx, t + torch.arange(k, device=idx.device)).argsort(dim=1)
         idx, top, valid = idx.gather(1, order), top.gather(1, order), valid.gather(1, order)
-        picked = hn.gather(1, idx[..., None].expand(-1, -1, hn.shape[-1]))  # (B, k, H)
         g_in = torch.sigmoid(top.masked_fill(~valid, 0.0)) * valid  # padding picks write nothing
-        entries = g_in[..., None] * torch.tanh(self.value(picked))  # (B, k, D)
-        g_f = torch.sigmoid(self.forget)
-        # [older slots, decayed | the new entries]; keep the last S of the first S + n, n = real picks
         n = valid.sum(1)  # (B,)
-        window = (n[:, None] + torch.arange(s, device=n.device))  # (B, S)
-        new = torch.cat([g_f * memory, entries.to(memory.dtype)], 1).gather(1, window[..., None].expand(-1, -1, d))
-        new_usage = torch.cat([usage_decay * usage, g_in.to(usage.dtype)], 1).gather(1, window)
-        new_age = torch.cat([age + 1, torch.zeros_like(g_in, dtype=age.dtype)], 1).gather(1, window)
+        if self.read_rule == "base":
+            # the base's own view of each token, as its next layer would have attended to it
+            entries = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+            old, g_f = memory, None
+        else:
+            picked = hn.gather(1, idx[..., None].expand(-1, -1, hn.shape[-1]))  # (B, k, H)
+            entries = g_in[..., None] * torch.tanh(self.value(picked))  # (B, k, D)
+            g_f = torch.sigmoid(self.forget)
+            old = g_f * memory
+        cand = torch.cat([old, entries.to(memory.dtype)], 1)  # (B, S + k, D): oldest first
+        cand_usage = torch.cat([usage_decay * usage, g_in.to(usage.dtype)], 1)
+        cand_age = torch.cat([age + 1, torch.zeros_like(g_in, dtype=age.dtype)], 1)
+        if self.retention == "priority":
+            # the S highest decayed gates, kept in reading order (padding picks have gate 0)
+            window = cand_usage.detach().topk(s, dim=1).indices.sort(dim=1).values
+        else:
+            # keep the last S of the first S + n, n = real picks
+            window = (n[:, None] + torch.arange(s, device=n.device))  # (B, S)
+        new = cand.gather(1, window[..., None].expand(-1, -1, d))
+        new_usage = cand_usage.gather(1, window)
+        new_age = cand_age.gather(1, window)
         keep = (n > 0)[:, None]
         new = torch.where(keep[..., None], new, memory)
         new_usage = torch.where(keep, new_usage, usage)
@@ -155,12 +187,13 @@ class EnhancedMemoryLayer(nn.Module):
         if return_stats:
             with torch.no_grad():
                 stats["input_gate"] = (g_in.sum(1) / n.clamp(min=1)).float()
-                stats["forget_gate"] = g_f.mean().expand(b).float()
+                stats["forget_gate"] = (g_f.mean() if g_f is not None else torch.ones((), device=h.device)).expand(b).float()
                 # which token each slot now holds came from (new slots only), as the slots rule's attention map
                 att = torch.zeros(b, s, t, device=h.device)
-                slot_of = s - n[:, None] + torch.arange(k, device=n.device)  # (B, k): where pick j landed
-                ok = valid & (slot_of < s)
-                bi, j = ok.nonzero(as_tuple=True)
-                att[bi, slot_of[bi, j], idx[bi, j]] = 1.0
+                src = window - s  # (B, S): >= 0 where the slot holds this segment's pick number src
+                bi, slot = (src >= 0).nonzero(as_tuple=True)
+                pick = src[bi, slot]
+                ok = valid[bi, pick]
+                att[bi[ok], slot[ok], idx[bi, pick][ok]] = 1.0
                 stats["write_attention"] = att
         return new, new_usage, new_age, stats

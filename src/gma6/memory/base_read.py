@@ -1,0 +1,114 @@
+"""The "base" read: memory slots read through a decoder layer's own attention weights.
+
+Dimensions: B batch, T tokens of the segment, H hidden size, S slots, n query heads, g key/value
+heads, d head width.
+
+The slots hold what the next layer's attention would have taken as keys and values had those tokens
+still been in the window (its input norm's output). Reading them with that layer's own ``q/k/v/o``
+projections, norms and RoPE (slots at positions ``0..S-1`` in the order they were read, the segment's
+tokens after them) gives at initialisation what the base itself makes of those tokens: what the
+memory's training has to learn is which tokens to keep and how much of the read to let in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def find_rotary(model: nn.Module) -> nn.Module | None:
+    """The base's rotary-embedding module (``...RotaryEmbedding``), or None if it has none."""
+    for m in model.modules():
+        if "rotary" in type(m).__name__.lower():
+            return m
+    return None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class BaseAttentionRead:
+    """Reads slots through ``layer``'s self-attention. Holds references to the base's modules, not
+    copies (a plain object, so they never enter the adapter's ``state_dict``); the learned parts
+    (gate, sink) are passed in by the memory layer that owns them."""
+
+    def __init__(self, layer: nn.Module, rotary: nn.Module | None) -> None:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not all(isinstance(getattr(attn, p, None), nn.Module) for p in _PROJECTIONS):
+            raise TypeError(f"read_rule='base' needs a decoder layer with self_attn.{{{', '.join(_PROJECTIONS)}}}; "
+                            f"{type(layer).__name__} has none")
+        self.attn = attn
+        self.head_dim = int(getattr(attn, "head_dim"))
+        self.groups = int(getattr(attn, "num_key_value_groups", 1))
+        self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
+        self.softcap = getattr(attn, "attn_logit_softcapping", None)
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        # Gemma 2/3 normalise the attention's output before the residual (and have a separate
+        # pre-feed-forward norm); in Llama-style layers "post_attention_layernorm" is the MLP's input norm.
+        self.post_norm = getattr(layer, "post_attention_layernorm", None) if hasattr(layer, "pre_feedforward_layernorm") else None
+        self.rotary = rotary
+        self.layer_type = getattr(attn, "layer_type", None)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, heads, N, d) rotated for ``positions`` (B or 1, N): the rotate-half RoPE of Llama,
+        Gemma, Qwen and Mistral (a family with another rotary layout needs its own)."""
+        if self.rotary is None:
+            return x
+        args = (x, positions) if self.layer_type is None else (x, positions, self.layer_type)
+        cos, sin = self.rotary(*args)
+        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        return x * cos + _rotate_half(x) * sin
+
+    def __call__(
+        self, view: torch.Tensor, slots: torch.Tensor, log_usage: torch.Tensor, positions: torch.Tensor | None,
+        gate: torch.Tensor, sink: torch.Tensor,
+    ) -> torch.Tensor:
+        """The read-out (B, T, H) to add to the residual stream.
+
+        Args:
+            view: the segment through the layer's input norm (B, T, H), the base's dtype.
+            slots: (B, S, H) stored views of earlier tokens, oldest first.
+            log_usage: (B, S) added to each slot's logits (-inf: an empty slot).
+            positions: (B or 1, T) the segment's own positions (None: 0..T-1).
+            gate: (H,) pre-tanh output gate; sink: () the logit of attending to nothing.
+        """
+        attn, d = self.attn, self.head_dim
+        b, t, _ = view.shape
+        s = slots.shape[1]
+        dtype = view.dtype
+        slots = slots.to(dtype)
+        q = attn.q_proj(view).view(b, t, -1, d).transpose(1, 2)  # (B, n, T, d)
+        k = attn.k_proj(slots).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
+        v = attn.v_proj(slots).view(b, s, -1, d).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if positions is None:
+            positions = torch.arange(t, device=view.device)[None]
+        q = self._rope(q, positions + s)  # the segment reads the slots as the tokens just before it
+        k = self._rope(k, torch.arange(s, device=view.device)[None])
+        if self.groups > 1:
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+        logits = (q @ k.transpose(-1, -2)).float() * self.scaling  # (B, n, T, S)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = logits + log_usage[:, None, None, :].float()
+        # A sink column: a segment with nothing relevant in memory can read (almost) nothing.
+        full = torch.cat([logits, sink.float().expand(*logits.shape[:-1], 1)], dim=-1)
+        p = torch.softmax(full, dim=-1)[..., :s].to(dtype)
+        read = (p @ v).transpose(1, 2).reshape(b, t, -1)
+        out = attn.o_proj(read)
+        if self.post_norm is not None:
+            out = self.post_norm(out)
+        return torch.tanh(gate).to(out.dtype) * out
+
+
+def log_usage(usage: torch.Tensor) -> torch.Tensor:
+    """log(usage), -inf where a slot was never written (usage 0), with no NaN gradient there."""
+    return torch.where(usage > 0, usage.clamp_min(1e-30).log(), float("-inf"))

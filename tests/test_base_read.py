@@ -1,0 +1,172 @@
+"""read_rule="base": slots of the base's own hidden states, read through the next layer's attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gemma3
+
+from gma6 import GMA6Config
+from gma6.integration import hook_count
+from gma6.memory.base_read import BaseAttentionRead, find_rotary, log_usage
+from gma6.model import MemoryModel, attach_memory
+
+
+def _config(**kw) -> GMA6Config:
+    args = dict(num_slots=6, memory_dim=None, layers=[0, 2], write_rule="tokens", tokens_per_segment=3,
+                read_rule="base", token_retention="priority", usage_decay=0.99)
+    args.update(kw)
+    return GMA6Config(**args)
+
+
+def _open_gates(mm: MemoryModel, value: float = 1.0) -> None:
+    with torch.no_grad():
+        for layer in mm.controller.layers:
+            layer.base_gate.fill_(value)
+
+
+def test_the_read_is_the_next_layers_own_attention_over_the_slots():
+    """With a shut sink and equal usage, the read is what layer i+1's attention (its projections,
+    norms, RoPE with the slots just before the segment, its output norm) gives when the segment may
+    attend to the slots alone."""
+    torch.manual_seed(0)
+    base = tiny_gemma3(layers=4).float()
+    layer = base.model.layers[1]
+    read = BaseAttentionRead(layer, find_rotary(base))
+    s, t, hidden = 5, 7, base.config.hidden_size
+    slots, view = torch.randn(2, s, hidden), torch.randn(2, t, hidden)
+    gate = torch.full((hidden,), 30.0)  # tanh = 1
+    got = read(view, slots, torch.zeros(2, s), None, gate, torch.tensor(-1e9))
+
+    x = torch.cat([slots, view], 1)
+    pos = torch.arange(s + t)[None]
+    cos, sin = base.model.rotary_emb(x, pos, layer.self_attn.layer_type)
+    mask = torch.full((1, 1, s + t, s + t), float("-inf"))
+    mask[..., :s] = 0.0
+    out, _ = layer.self_attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask)
+    want = layer.post_attention_layernorm(out[:, s:])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_outputs_unchanged_at_init_and_an_empty_memory_reads_nothing(tiny_model):
+    ids = torch.randint(3, 64, (2, 9))
+    ref = tiny_model(input_ids=ids).logits
+    mm = attach_memory(tiny_model, _config())
+    out = mm(input_ids=ids)
+    assert torch.allclose(out.logits, ref, atol=1e-6)
+    _open_gates(mm)
+    # a fresh memory has no written slot: only the sink is read, whatever the gate
+    assert torch.allclose(mm(input_ids=ids).logits, ref, atol=1e-6)
+    # after a segment is written, the same gates change the outputs
+    changed = mm(input_ids=ids, memory_state=out.memory_state).logits
+    assert (changed - ref).abs().max() > 1e-3
+    mm.detach()
+    assert hook_count(tiny_model) == 0
+    assert torch.allclose(tiny_model(input_ids=ids).logits, ref)
+
+
+def test_priority_retention_keeps_the_highest_gates_in_reading_order(tiny_model):
+    mm = attach_memory(tiny_model, _config(num_slots=4, tokens_per_segment=2, layers=[0]))
+    layer = mm.controller.layers[0]
+    hidden = tiny_model.config.hidden_size
+    with torch.no_grad():  # score = the first hidden unit of the (normed) state: we choose the winners
+        layer.score.weight.zero_()
+        layer.score.weight[0, 0] = 1.0
+        layer.score.bias.zero_()
+        layer.norm_h.weight.fill_(1.0)
+    memory, usage, age = torch.zeros(1, 4, hidden), torch.zeros(1, 4), torch.zeros(1, 4)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    tags = []
+    for step, firsts in enumerate([[5, 4, -9, -9, -9], [-9, 0.5, -9, 3, -9], [-9, -9, 4.5, -9, -9.5]]):
+        h = torch.randn(1, 5, hidden) * 0.01
+        h[0, :, 0] = torch.tensor(firsts) * 0.5
+        h[0, :, 1] = torch.arange(5) + 10 * step  # a tag to find each token again
+        memory, usage, age, _ = layer.write_tokens(memory, h, mask, usage, age, 2, 0.99)
+        tags.append(h[0, :, 1])
+    kept = memory[0, :, 1].round().tolist()
+    # picks: (0, 1), (3, 1), (2, 0); the 4 highest decayed gates: 0, 1 of step 0, 3 of step 1, 2 of step 2
+    assert kept == [0.0, 1.0, 13.0, 22.0]
+    assert torch.all(usage[0] > 0) and torch.equal(age[0], torch.tensor([2.0, 2.0, 1.0, 0.0]))
+
+
+def test_gradients_reach_the_gate_sink_and_scorer_and_round_trip(tiny_model, tmp_path):
+    ids = torch.randint(3, 64, (2, 9))
+    mm = attach_memory(tiny_model, _config())
+    _open_gates(mm, 0.5)
+    state = mm(input_ids=ids).memory_state
+    out = mm(input_ids=ids, memory_state=state, write_targets=ids > 30)
+    (out.logits.float().square().mean() + out.write_loss).backward()
+    for name, p in mm.controller.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert not mm.controller.initial_memory.requires_grad  # never read (usage 0): not trained, not a parameter to fit
+    mm.save_pretrained(tmp_path)
+    again = MemoryModel.from_pretrained(tiny_gemma3(), tmp_path)
+    with torch.no_grad():
+        a = mm(input_ids=ids, memory_state=state).logits
+        b = again(input_ids=ids, memory_state=state).logits
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_the_selection_loss_is_the_scores_cross_entropy_against_the_targets(tiny_model):
+    mm = attach_memory(tiny_model, _config())
+    ids = torch.randint(3, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    targets = ids > 30
+    out = mm(input_ids=ids, attention_mask=mask.long(), write_targets=targets)
+    # the same from the hidden states the write saw: the reading norms' second calls (the read's own
+    # view of the layer's output comes first, the base's input to the next layer after it)
+    hiddens = []
+    hook = tiny_model.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, o: hiddens.append(o))
+    hook2 = tiny_model.model.layers[3].input_layernorm.register_forward_hook(lambda m, a, o: hiddens.append(o))
+    try:
+        mm(input_ids=ids, attention_mask=mask.long(), write=False)
+    finally:
+        hook.remove()
+        hook2.remove()
+    want = torch.stack([
+        torch.nn.functional.binary_cross_entropy_with_logits(layer.selection_logits(h)[mask], targets[mask].float())
+        for layer, h in zip(mm.controller.layers, hiddens[1::2])]).mean()
+    assert torch.allclose(out.write_loss, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"write_rule": "slots", "token_retention": "recent"}, "write_rule='tokens'"),
+    ({"read_rule": "nope"}, "read_rule"),
+    ({"token_retention": "oldest"}, "token_retention"),
+])
+def test_bad_configs_name_the_problem(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"memory_dim": 16, "num_heads": 2}, "memory_dim must be None"),
+    ({"layers": [0, 3]}, "next layer"),
+])
+def test_model_dependent_errors_name_the_problem(tiny_model, kw, match):
+    with pytest.raises(ValueError, match=match):
+        attach_memory(tiny_model, _config(**kw))
+    assert hook_count(tiny_model) == 0
+
+
+def test_write_targets_need_the_tokens_write_and_the_right_shape(tiny_model):
+    ids = torch.randint(3, 64, (2, 9))
+    mm = attach_memory(tiny_model, _config())
+    with pytest.raises(ValueError, match="shape"):
+        mm(input_ids=ids, write_targets=torch.ones(2, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="write=True"):
+        mm(input_ids=ids, write=False, write_targets=ids > 0)
+    mm.detach()
+    slots = attach_memory(tiny_model, GMA6Config(num_slots=4, memory_dim=16, num_heads=2, layers=[0]))
+    with pytest.raises(ValueError, match="write_rule='tokens'"):
+        slots(input_ids=ids, write_targets=ids > 0)
+
+
+def test_log_usage_masks_empty_slots_without_nan_gradients():
+    usage = torch.tensor([0.0, 0.5, 1.0], requires_grad=True)
+    out = log_usage(usage)
+    assert out[0] == float("-inf") and torch.allclose(out[1:], torch.log(torch.tensor([0.5, 1.0])))
+    torch.softmax(torch.cat([out, torch.zeros(1)]), 0)[1].backward()
+    assert torch.isfinite(usage.grad).all() and usage.grad[0] == 0
