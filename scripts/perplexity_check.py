@@ -46,13 +46,20 @@ for name, adapter in [("fresh memory", None)] + [(a, a) for a in adapters]:
     t = time.time()
     with mm.memory_disabled():
         bare = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
+    lora_only = None
+    if getattr(mm.config, "lora_rank", 0):  # the LoRA alone (memory off): what of the cost is the LoRA's
+        with mm.memory_disabled(keep_lora=True):
+            lora_only = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
     mem = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
     state = mm.read(other, segment_length=args.segment_length, bos_token_id=tok.bos_token_id)
     after = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id, memory_state=state)
     mm.detach()
     rows.append({"memory": name, "bare": round(bare, 4), "with_memory": round(mem, 4),
                  "with_memory_after_unrelated": round(after, 4), "ratio": round(mem / bare, 4),
-                 "ratio_after_unrelated": round(after / bare, 4), "seconds": round(time.time() - t, 1)})
+                 "ratio_after_unrelated": round(after / bare, 4),
+                 "lora_only": None if lora_only is None else round(lora_only, 4),
+                 "ratio_lora_only": None if lora_only is None else round(lora_only / bare, 4),
+                 "seconds": round(time.time() - t, 1)})
     print(rows[-1], flush=True)
 device = "cpu"
 out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "date": time.strftime("%Y-%m-%d"),

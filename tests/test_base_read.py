@@ -36,7 +36,8 @@ def test_the_read_is_the_next_layers_own_attention_over_the_slots():
     s, t, hidden = 5, 7, base.config.hidden_size
     slots, view = torch.randn(2, s, hidden), torch.randn(2, t, hidden)
     gate = torch.full((hidden,), 30.0)  # tanh = 1
-    got = read(view, slots, torch.zeros(2, s), None, gate, torch.tensor(-1e9))
+    got, stats = read(view, slots, torch.zeros(2, s), None, gate, torch.tensor(-1e9), return_stats=True)
+    assert torch.allclose(stats["read_sink"], torch.zeros(2), atol=1e-6) and torch.allclose(stats["output_gate"], torch.ones(2))
 
     x = torch.cat([slots, view], 1)
     pos = torch.arange(s + t)[None]
@@ -56,7 +57,10 @@ def test_outputs_unchanged_at_init_and_an_empty_memory_reads_nothing(tiny_model)
     assert torch.allclose(out.logits, ref, atol=1e-6)
     _open_gates(mm)
     # a fresh memory has no written slot: only the sink is read, whatever the gate
-    assert torch.allclose(mm(input_ids=ids).logits, ref, atol=1e-6)
+    fresh = mm(input_ids=ids, return_stats=True)
+    assert torch.allclose(fresh.logits, ref, atol=1e-6)
+    assert all(torch.allclose(st["read_sink"], torch.ones(2)) for st in fresh.stats)
+    assert {"input_gate", "forget_gate", "output_gate", "usage", "age", "write_attention"} <= set(fresh.stats[0])
     # after a segment is written, the same gates change the outputs
     changed = mm(input_ids=ids, memory_state=out.memory_state).logits
     assert (changed - ref).abs().max() > 1e-3

@@ -98,3 +98,19 @@ def test_refuses_a_plain_state(tmp_path, snap):
     p = save_state(state, tmp_path / "plain.gma6")
     with pytest.raises(ValueError, match="without a snapshot header"):
         load_snapshot(p, mm)
+
+
+def test_a_base_read_memory_snapshots_and_its_scalar_sink_is_hashed(tmp_path):
+    """read_rule='base' has a 0-dim parameter (the sink): the adapter hash must take it, and change with it."""
+    base = tiny_gemma3()
+    base.config._name_or_path = "tiny-a"
+    mm = attach_memory(base, GMA6Config(num_slots=6, memory_dim=None, layers=[0, 2], write_rule="tokens",
+                                        tokens_per_segment=3, read_rule="base"))
+    state = mm.read(torch.randint(3, 64, (1, 30)), segment_length=16, bos_token_id=1)
+    path = save_snapshot(tmp_path / "notes.gma6", state, mm, tokenizer_name="words")
+    loaded = load_snapshot(path, mm)
+    assert torch.equal(loaded.memory, state.memory) and torch.equal(loaded.usage, state.usage)
+    before = adapter_hash(mm)
+    with torch.no_grad():
+        mm.controller.layers[0].sink.add_(1.0)
+    assert adapter_hash(mm) != before

@@ -92,6 +92,8 @@ def read_recorded(
             for s in range(att.shape[0]):
                 best = top[i][s]
                 for weight, t in zip(w[s].tolist(), idx[s].tolist()):
+                    if weight <= 0:  # not read from this token at all (a slot this segment did not write)
+                        continue
                     word = tokenizer.decode([int(seg_ids[0, t])])
                     best[word] = max(best.get(word, 0.0), weight)
                 if len(best) > TOP_TOKENS:
@@ -100,6 +102,9 @@ def read_recorded(
     record["slot_tokens"] = [[[[w, _r(v)] for w, v in sorted(d.items(), key=lambda kv: -kv[1])] for d in layer]
                              for layer in top] if tokenizer is not None else []
     return (state.to("cpu") if cfg.offload_to_cpu else state), record
+
+
+MAX_SLOT_LINES = 16  # per layer in the text summary; the record keeps every slot
 
 
 def summary(state: MemoryState, meta: dict[str, Any]) -> list[str]:
@@ -118,9 +123,15 @@ def summary(state: MemoryState, meta: dict[str, Any]) -> list[str]:
         lines.append(f"  layer {layer:>2}: mean usage {float(u.mean()):.3f}  mean age {float(a.mean()):.1f} segments  "
                      f"slots never written {int((a >= state.segments_read).sum()) if state.segments_read else 0}")
     for i, layer in enumerate(layers):
-        for s, toks in enumerate((rec.get("slot_tokens") or [[]] * len(layers))[i] if rec.get("slot_tokens") else []):
-            if toks:
-                lines.append(f"  layer {layer:>2} slot {s:>2} <- " + "  ".join(f"{w!r} ({v:.2f})" for w, v in toks))
+        written = [(s, toks) for s, toks in enumerate(rec["slot_tokens"][i] if rec.get("slot_tokens") else []) if toks]
+        usage = state.usage[0, i].float()
+        # the most used slots (highest decayed input gate), shown in slot order
+        shown = sorted(sorted(written, key=lambda st: -float(usage[st[0]]))[:MAX_SLOT_LINES])
+        for s, toks in shown:
+            lines.append(f"  layer {layer:>2} slot {s:>2} (usage {float(usage[s]):.2f}) <- "
+                         + "  ".join(f"{w!r} ({v:.2f})" for w, v in toks))
+        if len(written) > MAX_SLOT_LINES:
+            lines.append(f"  layer {layer:>2}: {len(written) - MAX_SLOT_LINES} less used slots written (in the record)")
     if not rec.get("segments"):
         lines.append("no per-segment record in this snapshot (read it with `gma6 read --record`)")
     return lines

@@ -116,9 +116,10 @@ class MemoryModel(MemoryWrapper):
         if self._base_reads is not None:
             layer = self.controller.layers[slot]
             bias, positions = kv
-            delta = self._base_reads[slot](norm(hidden), memory, bias, positions, layer.base_gate, layer.sink)
+            delta, stats = self._base_reads[slot](norm(hidden), memory, bias, positions, layer.base_gate, layer.sink,
+                                                  return_stats)
             new = hidden + delta.to(hidden.dtype)
-            return (new, {}) if with_stats else new
+            return (new, stats) if with_stats else new
         if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
             view = hidden * self._gain(slot, hidden.device, read_dtype(hidden.dtype, memory.dtype, return_stats))
         else:

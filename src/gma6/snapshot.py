@@ -31,7 +31,7 @@ SNAPSHOT_VERSION = 1
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
+    t = t.detach().to("cpu").contiguous().reshape(-1)  # 1-D: a 0-dim tensor cannot be viewed as bytes
     return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 

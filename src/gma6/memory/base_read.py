@@ -66,8 +66,8 @@ class BaseAttentionRead:
 
     def __call__(
         self, view: torch.Tensor, slots: torch.Tensor, log_usage: torch.Tensor, positions: torch.Tensor | None,
-        gate: torch.Tensor, sink: torch.Tensor,
-    ) -> torch.Tensor:
+        gate: torch.Tensor, sink: torch.Tensor, return_stats: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The read-out (B, T, H) to add to the residual stream.
 
         Args:
@@ -76,6 +76,11 @@ class BaseAttentionRead:
             log_usage: (B, S) added to each slot's logits (-inf: an empty slot).
             positions: (B or 1, T) the segment's own positions (None: 0..T-1).
             gate: (H,) pre-tanh output gate; sink: () the logit of attending to nothing.
+            return_stats: also return per sample the gate's mean |tanh| ("output_gate") and the
+                attention share the sink took ("read_sink": 1 = read nothing).
+
+        Returns:
+            ``(read_out, stats)``.
         """
         attn, d = self.attn, self.head_dim
         b, t, _ = view.shape
@@ -101,12 +106,17 @@ class BaseAttentionRead:
         logits = logits + log_usage[:, None, None, :].float()
         # A sink column: a segment with nothing relevant in memory can read (almost) nothing.
         full = torch.cat([logits, sink.float().expand(*logits.shape[:-1], 1)], dim=-1)
-        p = torch.softmax(full, dim=-1)[..., :s].to(dtype)
-        read = (p @ v).transpose(1, 2).reshape(b, t, -1)
+        p = torch.softmax(full, dim=-1)[..., :s]
+        stats: dict[str, torch.Tensor] = {}
+        if return_stats:
+            with torch.no_grad():
+                stats["output_gate"] = torch.tanh(gate).abs().mean().float().expand(b)
+                stats["read_sink"] = (1 - p.sum(-1)).mean(dim=(1, 2))
+        read = (p.to(dtype) @ v).transpose(1, 2).reshape(b, t, -1)
         out = attn.o_proj(read)
         if self.post_norm is not None:
             out = self.post_norm(out)
-        return torch.tanh(gate).to(out.dtype) * out
+        return torch.tanh(gate).to(out.dtype) * out, stats
 
 
 def log_usage(usage: torch.Tensor) -> torch.Tensor:
