@@ -174,3 +174,37 @@ def test_log_usage_masks_empty_slots_without_nan_gradients():
     assert out[0] == float("-inf") and torch.allclose(out[1:], torch.log(torch.tensor([0.5, 1.0])))
     torch.softmax(torch.cat([out, torch.zeros(1)]), 0)[1].backward()
     assert torch.isfinite(usage.grad).all() and usage.grad[0] == 0
+
+
+def test_the_read_adapter_starts_as_a_no_op_trains_and_never_touches_the_bases_own_attention(tiny_model):
+    ids = torch.randint(3, 64, (2, 9))
+    ref = tiny_model(input_ids=ids).logits
+    plain = attach_memory(tiny_model, _config())
+    _open_gates(plain, 0.5)
+    state = plain(input_ids=ids).memory_state
+    want = plain(input_ids=ids, memory_state=state).logits
+    weights = plain.controller.state_dict()
+    plain.detach()
+    mm = attach_memory(tiny_model, _config(read_rank=2))
+    mm.controller.load_state_dict(weights, strict=False)
+    got = mm(input_ids=ids, memory_state=state)
+    assert torch.allclose(got.logits, want, atol=1e-6)  # the adapter's up projection starts at zero
+    got.logits.float().square().mean().backward()
+    ups = [m.read_q.up.weight.grad for m in mm.controller.layers] + [m.read_k.up.weight.grad for m in mm.controller.layers]
+    assert all(g is not None and g.abs().sum() > 0 for g in ups)
+    with torch.no_grad():
+        for m in mm.controller.layers:
+            m.read_q.up.weight.normal_()
+            m.read_k.up.weight.normal_()
+        assert not torch.allclose(mm(input_ids=ids, memory_state=state).logits, want, atol=1e-4)
+        # with nothing written, the read adapter has nothing to change: the base's own attention is untouched
+        assert torch.allclose(mm(input_ids=ids).logits, ref, atol=1e-6)
+    n = sum(p.numel() for p in mm.memory_parameters()) - sum(p.numel() for p in weights.values())
+    assert n == 2 * 2 * (2 * tiny_model.config.hidden_size * 2)  # 2 layers x (q, k) x (down + up) at rank 2
+
+
+def test_read_rank_needs_the_base_read():
+    with pytest.raises(ValueError, match="read_rule='base'"):
+        GMA6Config(read_rank=4)
+    with pytest.raises(ValueError, match="read_rank"):
+        _config(read_rank=-1)

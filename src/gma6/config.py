@@ -51,6 +51,9 @@ class GMA6Config:
             residual through a tanh gate that starts at zero). Needs ``write_rule="tokens"`` and
             slots as wide as the base (``memory_dim=None``); the memory's own weights are then only
             the gates and the write's scorer.
+        read_rank: with ``read_rule="base"``, a low-rank adaptation (rank r, zero at start) of what the
+            read's queries and keys are made from, ``x + U V x``: the memory's own, never the base's
+            attention (the base reading its window is untouched). 0: none.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.
         write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
@@ -80,6 +83,7 @@ class GMA6Config:
     tokens_per_segment: int = 4
     token_retention: str = "recent"
     read_rule: str = "memory"
+    read_rank: int = 0
     usage_decay: float = 0.9
     usage_weight: float = 1.0
     write_threshold: float = 0.1
@@ -124,6 +128,10 @@ class GMA6Config:
             raise ValueError(f"token_retention={self.token_retention!r}: expected one of {RETENTIONS}")
         if self.read_rule not in READ_RULES:
             raise ValueError(f"read_rule={self.read_rule!r}: expected one of {READ_RULES}")
+        if isinstance(self.read_rank, bool) or not isinstance(self.read_rank, int) or self.read_rank < 0:
+            raise ValueError(f"read_rank={self.read_rank!r}: expected a non-negative int")
+        if self.read_rank and self.read_rule != "base":
+            raise ValueError(f"read_rank={self.read_rank} adapts the base read: it needs read_rule='base'")
         if self.read_rule == "base" and (self.write_rule != "tokens" or self.memory_type != "gated"):
             raise ValueError("read_rule='base' reads tokens the base's own attention can attend to: it needs "
                              "memory_type='gated' and write_rule='tokens'")

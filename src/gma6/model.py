@@ -117,7 +117,7 @@ class MemoryModel(MemoryWrapper):
             layer = self.controller.layers[slot]
             bias, positions = kv
             delta, stats = self._base_reads[slot](norm(hidden), memory, bias, positions, layer.base_gate, layer.sink,
-                                                  return_stats)
+                                                  return_stats, layer.read_q, layer.read_k)
             new = hidden + delta.to(hidden.dtype)
             return (new, stats) if with_stats else new
         if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view

@@ -29,6 +29,9 @@ def train(
     read_rule: str = typer.Option(
         "memory", help="memory (the memory's own cross-attention) or base (with --write-rule tokens and --memory-dim 0: "
                        "slots hold the base's own hidden states, read through the next layer's attention)."),
+    read_rank: int = typer.Option(
+        0, help="With --read-rule base: rank of the memory's own low-rank change of the read's queries and keys "
+                "(the base's attention stays untouched; 0: none)."),
     usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
     tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on."),
@@ -86,7 +89,7 @@ def train(
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
             write_rule=write_rule, tokens_per_segment=tokens_per_segment, token_retention=token_retention,
-            read_rule=read_rule, usage_decay=usage_decay,
+            read_rule=read_rule, read_rank=read_rank, usage_decay=usage_decay,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:

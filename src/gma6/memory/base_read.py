@@ -67,6 +67,7 @@ class BaseAttentionRead:
     def __call__(
         self, view: torch.Tensor, slots: torch.Tensor, log_usage: torch.Tensor, positions: torch.Tensor | None,
         gate: torch.Tensor, sink: torch.Tensor, return_stats: bool = False,
+        q_adapter: nn.Module | None = None, k_adapter: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The read-out (B, T, H) to add to the residual stream.
 
@@ -78,6 +79,8 @@ class BaseAttentionRead:
             gate: (H,) pre-tanh output gate; sink: () the logit of attending to nothing.
             return_stats: also return per sample the gate's mean |tanh| ("output_gate") and the
                 attention share the sink took ("read_sink": 1 = read nothing).
+            q_adapter, k_adapter: the memory's own changes of the query and key inputs
+                (``x + adapter(x)``; ``GMA6Config.read_rank``); the values stay the base's.
 
         Returns:
             ``(read_out, stats)``.
@@ -87,8 +90,10 @@ class BaseAttentionRead:
         s = slots.shape[1]
         dtype = view.dtype
         slots = slots.to(dtype)
-        q = attn.q_proj(view).view(b, t, -1, d).transpose(1, 2)  # (B, n, T, d)
-        k = attn.k_proj(slots).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
+        q_in = view if q_adapter is None else view + q_adapter(view)
+        k_in = slots if k_adapter is None else slots + k_adapter(slots)
+        q = attn.q_proj(q_in).view(b, t, -1, d).transpose(1, 2)  # (B, n, T, d)
+        k = attn.k_proj(k_in).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
         v = attn.v_proj(slots).view(b, s, -1, d).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)

@@ -47,7 +47,7 @@ class MemoryController(nn.Module):
         self.layers = nn.ModuleList(
             EnhancedMemoryLayer(
                 config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias,
-                config.write_rule, config.read_rule, config.token_retention,
+                config.write_rule, config.read_rule, config.token_retention, config.read_rank,
             )
             for _ in self.layer_ids
         )

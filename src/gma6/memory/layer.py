@@ -12,6 +12,20 @@ from torch import nn
 from .attention import MemoryAttentionGate, merge_heads, split_heads
 
 
+class LowRank(nn.Module):
+    """``x -> U V x`` of rank r, ``U`` zero at start (so the first step changes nothing), computed in
+    the parameters' dtype and returned in ``x``'s."""
+
+    def __init__(self, dim: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+
 class EnhancedMemoryLayer(nn.Module):
     """Output phase (read, per token) and input/forget phases (write, once per segment).
 
@@ -43,6 +57,7 @@ class EnhancedMemoryLayer(nn.Module):
         write_rule: str = "slots",
         read_rule: str = "memory",
         retention: str = "recent",
+        read_rank: int = 0,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -52,6 +67,9 @@ class EnhancedMemoryLayer(nn.Module):
         if read_rule == "base":
             self.base_gate = nn.Parameter(torch.zeros(hidden_size))  # tanh(0) = 0: outputs unchanged at first
             self.sink = nn.Parameter(torch.zeros(()))
+            # the memory's own low-rank change of the read's query and key inputs (zero at start)
+            self.read_q = LowRank(hidden_size, read_rank) if read_rank else None
+            self.read_k = LowRank(hidden_size, read_rank) if read_rank else None
         else:
             self.read_gate = MemoryAttentionGate(hidden_size, dim, heads, output_gate_bias)
         self.norm_h = nn.RMSNorm(hidden_size, eps=1e-6)
