@@ -208,3 +208,64 @@ def test_read_rank_needs_the_base_read():
         GMA6Config(read_rank=4)
     with pytest.raises(ValueError, match="read_rank"):
         _config(read_rank=-1)
+
+
+def _trained_pair(**options_on):
+    """The same tiny base and base-read memory twice, the memory's gates open: plain, and with ``options_on``."""
+    plain = attach_memory(tiny_gemma3(), _config(read_rank=2))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in plain.controller.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    other = attach_memory(tiny_gemma3(), _config(read_rank=2, **options_on))
+    other.controller.load_state_dict(plain.controller.state_dict())
+    return plain, other
+
+
+def test_the_base_read_under_offload_half_precision_and_checkpointing():
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    plain, off = _trained_pair(offload_to_cpu=True)
+    with torch.no_grad():
+        a = plain(input_ids=ids[:, 12:], memory_state=plain.read(ids[:, :12], segment_length=6)).logits
+        b = off(input_ids=ids[:, 12:], memory_state=off.read(ids[:, :12], segment_length=6)).logits
+    assert torch.allclose(a, b, atol=1e-6)
+
+    plain, half = _trained_pair(use_half_precision=True)
+    assert half.base.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
+    with torch.no_grad():
+        h = half(input_ids=ids[:, 12:], memory_state=half.read(ids[:, :12], segment_length=6)).logits.float()
+    assert torch.isfinite(h).all() and (h - a).abs().max() < 0.1 * a.abs().max()
+
+    def grads(mm):
+        mm.train()
+        state = mm(input_ids=ids[:, :12]).memory_state
+        mm(input_ids=ids[:, 12:], memory_state=state, labels=ids[:, 12:]).loss.backward()
+        return {n: p.grad.clone() for n, p in mm.controller.named_parameters() if p.grad is not None}
+
+    plain, ck = _trained_pair(gradient_checkpointing=True)
+    ref, got = grads(plain), grads(ck)
+    assert ref.keys() == got.keys() and len(ref) > 0
+    for name in ref:
+        assert torch.allclose(ref[name], got[name], atol=1e-5), name
+
+
+def test_the_base_read_on_a_4bit_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    import gma6.options as options
+
+    tiny_gemma3(hidden=64).save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, **options.quantized_load_kwargs(device="cpu"))
+    ids = torch.randint(3, 64, (2, 16))
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+    mm = attach_memory(base, _config(use_4bit_quantization=True, read_rank=2))
+    with torch.no_grad():
+        assert torch.equal(mm(input_ids=ids).logits, ref)
+        _open_gates(mm)
+    state = mm(input_ids=ids).memory_state
+    out = mm(input_ids=ids, memory_state=state, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is None for p in mm.base.parameters())
+    assert mm.controller.layers[0].base_gate.grad is not None
