@@ -134,3 +134,26 @@ def test_training_step_scored_at_a_few_positions(tmp_path, checkpointing):
     assert hook_count(base) == 0 and not base.training
     with pytest.raises(ValueError, match="train_positions"):
         BenchConfig(train_positions=0)
+
+
+def test_cli_times_a_saved_adapters_kind_of_memory(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gma6.bench as bench
+    from gma6 import GMA6Config, attach_memory
+    from gma6.cli import app
+
+    mm = attach_memory(tiny_gemma3(), GMA6Config(num_slots=6, memory_dim=None, layers=[0, 2], write_rule="tokens",
+                                                 tokens_per_segment=3, read_rule="base"))
+    mm.add_lora(2)
+    mm.save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(bench, "load_model", lambda name, dtype, device: tiny_gemma3())
+    out = tmp_path / "b.json"
+    args = ["bench", "-c", "32", "-b", "1", "-s", "16", "--no-train", "--warmup", "0", "--system", "base_segments",
+            "--system", "memory", "--adapter", str(tmp_path / "adapter"), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(out.read_text())["memory_config"]
+    assert cfg["read_rule"] == "base" and cfg["num_slots"] == 6 and cfg["lora_rank"] == 0
+    bad = CliRunner().invoke(app, [*args[:-4], "--adapter", str(tmp_path / "nowhere"), "--out", str(out)])
+    assert bad.exit_code != 0 and "--adapter" in bad.output

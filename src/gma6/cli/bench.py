@@ -40,6 +40,9 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Seed of the random tokens."),
     out: Optional[Path] = typer.Option(None, help="JSON output; default results/bench-<device>.json (the plot goes beside it as .png)."),
+    adapter: Optional[Path] = typer.Option(
+        None, help="Time this adapter's kind of memory (its config; its LoRA left out, which merges into the base "
+                   "for reading). Default: a fresh GMA6Config() memory."),
 ) -> None:
     """Reading throughput (tokens/s) and peak memory: bare base per segment, memory, bare base in one pass."""
     import torch
@@ -69,6 +72,7 @@ def bench(
             train_checkpointing=train_checkpointing,
             paired=paired,
             seed=seed,
+            **({"memory": _adapter_kind(adapter)} if adapter is not None else {}),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -84,3 +88,16 @@ def bench(
     if pr:
         typer.echo(f"paired segments: memory / base throughput median {pr['median']:.3f} over {pr['pairs']} pairs")
     typer.echo(f"wrote {json_path} and {png_path}")
+
+
+def _adapter_kind(directory: Path):
+    """The memory config of a saved adapter, without its LoRA (what the bench times is the memory)."""
+    import dataclasses
+
+    from ..config import GMA6Config
+
+    try:
+        cfg = GMA6Config.load(directory)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"--adapter {directory}: {e}") from e
+    return dataclasses.replace(cfg, lora_rank=0)
