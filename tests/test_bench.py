@@ -157,3 +157,14 @@ def test_cli_times_a_saved_adapters_kind_of_memory(tmp_path, monkeypatch):
     assert cfg["read_rule"] == "base" and cfg["num_slots"] == 6 and cfg["lora_rank"] == 0
     bad = CliRunner().invoke(app, [*args[:-4], "--adapter", str(tmp_path / "nowhere"), "--out", str(out)])
     assert bad.exit_code != 0 and "--adapter" in bad.output
+
+
+@pytest.mark.parametrize("master", [True, False])
+def test_a_half_precision_full_fine_tune_keeps_fp32_master_weights_unless_told(master):
+    base = tiny_gemma3().to(torch.bfloat16)
+    config = BenchConfig(contexts=[32], batches=[1], segments=[16], systems=["memory"], warmup=0,
+                         train_context=32, train_segment=16, train_positions=4, train_full_master=master, memory=SMALL)
+    rows = {r["system"]: r for r in run_bench(base, config, command="pytest", log=None)["rows"]}
+    assert rows["train_memory"]["status"] == rows["train_full"]["status"] == "ok"
+    assert rows["train_full"]["weights"] == ("fp32 master, autocast bfloat16" if master else "bfloat16")
+    assert next(base.parameters()).dtype == (torch.float32 if master else torch.bfloat16)

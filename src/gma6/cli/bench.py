@@ -34,6 +34,10 @@ def bench(
     train_warmup: int = typer.Option(1, help="Untimed training steps before the timed one."),
     train_checkpointing: bool = typer.Option(
         False, help="Gradient checkpointing in both training steps (memory-only and full fine-tune)."),
+    train_full_master: bool = typer.Option(
+        True, "--train-full-master/--train-full-half",
+        help="A half-precision base's full fine-tune: fp32 master weights under autocast (as one runs it), or "
+             "AdamW on the half-precision weights themselves (most fine-tuning updates round away)."),
     train_positions: Optional[int] = typer.Option(
         None, help="Loss at this many positions a segment, as gma6 train scores (default: every token)."),
     paired: int = typer.Option(0, help="Also time this many segments in alternating base/memory pairs (a steadier ratio on a busy machine)."),
@@ -70,6 +74,7 @@ def bench(
             train_warmup=train_warmup,
             train_positions=train_positions,
             train_checkpointing=train_checkpointing,
+            train_full_master=train_full_master,
             paired=paired,
             seed=seed,
             **({"memory": _adapter_kind(adapter)} if adapter is not None else {}),
