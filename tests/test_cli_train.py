@@ -59,3 +59,18 @@ def test_addressing_and_in_context_reach_the_adapter_and_the_run(tiny_checkpoint
     assert meta["train_config"]["in_context"] is True
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON, "--in-context")
     assert r.returncode != 0 and "lora_rank" in r.stderr
+
+
+def test_the_base_read_with_a_supervised_write_trains_from_the_command_line(tiny_checkpoint, tmp_path):  # noqa: F811
+    base_read = ["--write-rule", "tokens", "--read-rule", "base", "--memory-dim", "0", "--tokens-per-segment", "4",
+                 "--token-retention", "priority", "--usage-decay", "0.99", "--read-rank", "2", "--layers", "0,1"]
+    _train(tiny_checkpoint, tmp_path / "b", "--curriculum", "2", "--select-weight", "1", *base_read)
+    cfg = json.loads((tmp_path / "b" / "adapter" / "gma6_config.json").read_text())
+    assert (cfg["read_rule"], cfg["write_rule"], cfg["token_retention"], cfg["read_rank"]) == ("base", "tokens", "priority", 2)
+    log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert all(r["write_select"] is not None and r["write_select"] > 0 for r in log)
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON, "--read-rule", "base",
+              "--write-rule", "tokens")  # slots 16 wide, the model's hidden size is not
+    assert r.returncode != 0 and "memory_dim" in r.stderr
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "y"), *COMMON, "--select-weight", "1")
+    assert r.returncode != 0 and "--write-rule tokens" in r.stderr
