@@ -67,3 +67,36 @@ def test_family_attaches_reads_trains_and_detaches(family, kind):
     assert back is base and hook_count(base) == hooks
     assert all(torch.equal(p, names[n]) for n, p in base.named_parameters())
     assert torch.equal(base(input_ids=x).logits, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_base_read_on_each_family(family):
+    """read_rule='base' on families whose attention has q/k/v/o projections (Llama, Qwen2, Mistral, Gemma 2):
+    unchanged at init, changed once its gates open, trained through (gradients reach the memory only); refused with a clear TypeError where it has none (Phi-3's fused qkv, GPT-2)."""
+    base = _family(family).eval()
+    cfg = GMA6Config(num_slots=6, memory_dim=None, layers=[0, 1], write_rule="tokens", tokens_per_segment=3,
+                     read_rule="base", read_rank=2)
+    if family in ("phi3", "gpt2"):
+        with pytest.raises(TypeError, match="read_rule='base'"):
+            attach_memory(base, cfg)
+        assert hook_count(base) == 0
+        return
+    x = torch.randint(3, 64, (2, 16))
+    with torch.no_grad():
+        ref = base(input_ids=x).logits
+    mm = attach_memory(base, cfg)
+    try:
+        state = mm.read(x, segment_length=8)
+        assert torch.allclose(mm(input_ids=x, memory_state=state).logits, ref, atol=1e-5)
+        with torch.no_grad():
+            for layer in mm.controller.layers:
+                layer.base_gate.fill_(1.0)
+        out = mm(input_ids=x, memory_state=state, labels=x)
+        assert (out.logits - ref).abs().max() > 1e-4
+        out.loss.backward()
+        assert all(p.grad is None for p in base.parameters())
+        assert all(torch.isfinite(layer.base_gate.grad).all() and layer.base_gate.grad.abs().sum() > 0
+                   for layer in mm.controller.layers)
+    finally:
+        mm.detach()
+    assert hook_count(base) == 0

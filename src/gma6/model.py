@@ -65,6 +65,9 @@ class MemoryModel(MemoryWrapper):
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list again)
             self._base_reads = ([BaseAttentionRead(decoder_layers[i + 1], find_rotary(base)) for i in self.config.layers]
                                 if self.config.read_rule == "base" else None)
+            if self._base_reads is not None and any(n is None for n in self._reading_norms):
+                raise TypeError(f"read_rule='base' reads through the next layer's input norm; {type(base).__name__}'s "
+                                "layers have none that gma6 can find")
             self._hooks = LayerHooks(self._hooked_layers, self._make_hook)
             self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
                                 for slot, n in enumerate(self._reading_norms) if n is not None]

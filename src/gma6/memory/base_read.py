@@ -52,7 +52,10 @@ class BaseAttentionRead:
         # pre-feed-forward norm); in Llama-style layers "post_attention_layernorm" is the MLP's input norm.
         self.post_norm = getattr(layer, "post_attention_layernorm", None) if hasattr(layer, "pre_feedforward_layernorm") else None
         self.rotary = rotary
-        self.layer_type = getattr(attn, "layer_type", None)
+        # Gemma 3 keeps one rotary table per layer type (local/global); Qwen2, Gemma 2 etc. name a layer
+        # type on the attention but have one table and take no such argument.
+        per_type = isinstance(getattr(rotary, "rope_type", None), dict)
+        self.layer_type = getattr(attn, "layer_type", None) if per_type else None
 
     def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (B, heads, N, d) rotated for ``positions`` (B or 1, N): the rotate-half RoPE of Llama,
