@@ -269,3 +269,40 @@ def test_the_base_read_on_a_4bit_base(tmp_path):
     out.loss.backward()
     assert all(p.grad is None for p in mm.base.parameters())
     assert mm.controller.layers[0].base_gate.grad is not None
+
+
+def test_generate_with_the_base_read_matches_greedy_forwards(tiny_model):
+    """generate() keeps one call object for every decoding step: the rotary tables must follow each step's positions."""
+    mm = attach_memory(tiny_model, _config(read_rank=2))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    state = mm.read(torch.randint(3, 64, (1, 24), generator=g), segment_length=8)
+    prompt = torch.randint(3, 64, (1, 5), generator=g)
+    out = mm.generate(prompt, memory_state=state, max_new_tokens=5, do_sample=False)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(5):
+            logits = mm(input_ids=ids, memory_state=state, write=False).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_the_shared_rotary_tables_equal_per_layer_ones(tiny_model):
+    """The tables a forward shares among its memory layers give the same read as computing them per layer."""
+    ids = torch.randint(3, 64, (2, 12))
+    mm = attach_memory(tiny_model, _config())
+    _open_gates(mm, 0.7)
+    state = mm(input_ids=ids).memory_state
+    with torch.no_grad():
+        shared = mm(input_ids=ids, memory_state=state).logits
+        read = mm._base_reads[0]
+        calls = []
+        original = read._cos_sin
+        read._cos_sin = lambda like, pos, cache, key: calls.append(key) or original(like, pos, None, key)
+        try:
+            alone = mm(input_ids=ids, memory_state=state).logits
+        finally:
+            read._cos_sin = original
+    assert calls and torch.allclose(shared, alone, atol=1e-6)

@@ -37,6 +37,9 @@ class _Call:
     return_stats: bool = False
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per memory layer, its slot keys and values
     log_usage: torch.Tensor | None = None  # (B, L, S) for read_rule="base": the slots' logit bias
+    # read_rule="base": rotary tables shared by the memory layers of one forward (None: not shared, as in
+    # generate(), whose one call object sees every decoding step's positions)
+    rope: dict | None = field(default_factory=dict)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -92,7 +95,7 @@ class MemoryModel(MemoryWrapper):
                 kv = None if kv is None else (kv[0].repeat_interleave(r, dim=0), kv[1].repeat_interleave(r, dim=0))
                 bias = None if bias is None else bias.repeat_interleave(r, dim=0)
             if bias is not None:  # read_rule="base": the slots sit before the segment's own positions
-                kv = (bias, kwargs.get("position_ids"))
+                kv = (bias, kwargs.get("position_ids"), call.rope)
             if not call.return_stats and self._checkpointing(slot):
                 # The base checkpoints its layers' forward, not their hooks: without this the read's
                 # per-token activations would be kept for backward at every segment.
@@ -114,13 +117,13 @@ class MemoryModel(MemoryWrapper):
     def _read_into(self, slot: int, hidden: torch.Tensor, memory: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
                    return_stats: bool = False, with_stats: bool = False) -> Any:
         """``hidden`` plus what it reads from one layer's slots (and the read's statistics if ``with_stats``).
-        For read_rule="base", ``kv`` is ``(log_usage (B, S), position_ids)`` instead."""
+        For read_rule="base", ``kv`` is ``(log_usage (B, S), position_ids, rotary-table cache)`` instead."""
         norm, gain = self._reading_norms[slot], self._reading_gains[slot]
         if self._base_reads is not None:
             layer = self.controller.layers[slot]
-            bias, positions = kv
+            bias, positions, rope = kv
             delta, stats = self._base_reads[slot](norm(hidden), memory, bias, positions, layer.base_gate, layer.sink,
-                                                  return_stats, layer.read_q, layer.read_k)
+                                                  return_stats, layer.read_q, layer.read_k, rope)
             new = hidden + delta.to(hidden.dtype)
             return (new, stats) if with_stats else new
         if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view
@@ -300,7 +303,7 @@ class MemoryModel(MemoryWrapper):
         state = self._prepare_state(memory_state, input_ids.shape[0])
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
         self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
-                           log_usage=self._log_usage(state))
+                           log_usage=self._log_usage(state), rope=None)
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)
         finally:

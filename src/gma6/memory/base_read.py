@@ -57,20 +57,32 @@ class BaseAttentionRead:
         per_type = isinstance(getattr(rotary, "rope_type", None), dict)
         self.layer_type = getattr(attn, "layer_type", None) if per_type else None
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _cos_sin(self, like: torch.Tensor, positions: torch.Tensor, cache: dict | None, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables for ``positions`` (B or 1, N), as (B or 1, 1, N, d) in ``like``'s dtype; kept in
+        ``cache`` under ``key`` + this layer's type (every memory layer of one forward shares them: the
+        rotary module recomputes its tables on every call, a dozen kernels each)."""
+        full_key = (*key, self.layer_type, like.dtype)
+        if cache is not None and full_key in cache:
+            return cache[full_key]
+        args = (like, positions) if self.layer_type is None else (like, positions, self.layer_type)
+        cos, sin = self.rotary(*args)
+        out = (cos[:, None].to(like.dtype), sin[:, None].to(like.dtype))
+        if cache is not None:
+            cache[full_key] = out
+        return out
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, cache: dict | None = None, key: tuple = ()) -> torch.Tensor:
         """x (B, heads, N, d) rotated for ``positions`` (B or 1, N): the rotate-half RoPE of Llama,
         Gemma, Qwen and Mistral (a family with another rotary layout needs its own)."""
         if self.rotary is None:
             return x
-        args = (x, positions) if self.layer_type is None else (x, positions, self.layer_type)
-        cos, sin = self.rotary(*args)
-        cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+        cos, sin = self._cos_sin(x, positions, cache, key)
         return x * cos + _rotate_half(x) * sin
 
     def __call__(
         self, view: torch.Tensor, slots: torch.Tensor, log_usage: torch.Tensor, positions: torch.Tensor | None,
         gate: torch.Tensor, sink: torch.Tensor, return_stats: bool = False,
-        q_adapter: nn.Module | None = None, k_adapter: nn.Module | None = None,
+        q_adapter: nn.Module | None = None, k_adapter: nn.Module | None = None, cache: dict | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The read-out (B, T, H) to add to the residual stream.
 
@@ -84,6 +96,7 @@ class BaseAttentionRead:
                 attention share the sink took ("read_sink": 1 = read nothing).
             q_adapter, k_adapter: the memory's own changes of the query and key inputs
                 (``x + adapter(x)``; ``GMA6Config.read_rank``); the values stay the base's.
+            cache: a dict that lives for one forward of the base (rotary tables shared by its layers).
 
         Returns:
             ``(read_out, stats)``.
@@ -104,8 +117,9 @@ class BaseAttentionRead:
             k = self.k_norm(k)
         if positions is None:
             positions = torch.arange(t, device=view.device)[None]
-        q = self._rope(q, positions + s)  # the segment reads the slots as the tokens just before it
-        k = self._rope(k, torch.arange(s, device=view.device)[None])
+        # the segment reads the slots as the tokens just before it
+        q = self._rope(q, positions + s, cache, ("queries", s))
+        k = self._rope(k, torch.arange(s, device=view.device)[None], cache, ("slots", s))
         if self.groups > 1:
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
         logits = (q @ k.transpose(-1, -2)).float() * self.scaling  # (B, n, T, S)
