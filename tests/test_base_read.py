@@ -119,19 +119,19 @@ def test_the_selection_loss_is_the_scores_cross_entropy_against_the_targets(tiny
     mask[1, 6:] = False
     targets = ids > 30
     out = mm(input_ids=ids, attention_mask=mask.long(), write_targets=targets)
-    # the same from the hidden states the write saw: the reading norms' second calls (the read's own
-    # view of the layer's output comes first, the base's input to the next layer after it)
-    hiddens = []
-    hook = tiny_model.model.layers[1].input_layernorm.register_forward_hook(lambda m, a, o: hiddens.append(o))
-    hook2 = tiny_model.model.layers[3].input_layernorm.register_forward_hook(lambda m, a, o: hiddens.append(o))
+    # the same from the hidden states the write saw: each reading norm's last output in a forward
+    # (the base's input to the next layer, after the memory's read was added)
+    seen: dict[int, torch.Tensor] = {}
+    hooks = [tiny_model.model.layers[i + 1].input_layernorm.register_forward_hook(
+        lambda m, a, o, i=i: seen.__setitem__(i, o)) for i in (0, 2)]
     try:
         mm(input_ids=ids, attention_mask=mask.long(), write=False)
     finally:
-        hook.remove()
-        hook2.remove()
+        for h in hooks:
+            h.remove()
     want = torch.stack([
-        torch.nn.functional.binary_cross_entropy_with_logits(layer.selection_logits(h)[mask], targets[mask].float())
-        for layer, h in zip(mm.controller.layers, hiddens[1::2])]).mean()
+        torch.nn.functional.binary_cross_entropy_with_logits(layer.selection_logits(seen[i])[mask], targets[mask].float())
+        for layer, i in zip(mm.controller.layers, (0, 2))]).mean()
     assert torch.allclose(out.write_loss, want, atol=1e-5)
 
 
@@ -306,3 +306,19 @@ def test_the_shared_rotary_tables_equal_per_layer_ones(tiny_model):
         finally:
             read._cos_sin = original
     assert calls and torch.allclose(shared, alone, atol=1e-6)
+
+
+def test_the_folded_input_norm_equals_calling_the_bases(tiny_model):
+    ids = torch.randint(3, 64, (2, 12))
+    mm = attach_memory(tiny_model, _config())
+    _open_gates(mm, 0.7)
+    state = mm(input_ids=ids).memory_state
+    assert all(g is not None for g in mm._reading_gains)  # Gemma's RMSNorm folds
+    with torch.no_grad():
+        folded = mm(input_ids=ids, memory_state=state).logits
+        gains, mm._reading_gains = mm._reading_gains, [None] * len(mm._reading_gains)
+        try:
+            called = mm(input_ids=ids, memory_state=state).logits
+        finally:
+            mm._reading_gains = gains
+    assert torch.allclose(folded, called, atol=1e-5)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -122,7 +123,15 @@ class MemoryModel(MemoryWrapper):
         if self._base_reads is not None:
             layer = self.controller.layers[slot]
             bias, positions, rope = kv
-            delta, stats = self._base_reads[slot](norm(hidden), memory, bias, positions, layer.base_gate, layer.sink,
+            eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+            if gain is not None and isinstance(eps, float):
+                # the next layer's input norm exactly, as one fused kernel in fp32 (the base's own RMSNorm
+                # is several kernels, at every memory layer of every segment)
+                view = F.rms_norm(hidden.float(), (hidden.shape[-1],), self._gain(slot, hidden.device, torch.float32),
+                                  eps).to(hidden.dtype)
+            else:
+                view = norm(hidden)
+            delta, stats = self._base_reads[slot](view, memory, bias, positions, layer.base_gate, layer.sink,
                                                   return_stats, layer.read_q, layer.read_k, rope)
             new = hidden + delta.to(hidden.dtype)
             return (new, stats) if with_stats else new
