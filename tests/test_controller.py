@@ -190,3 +190,34 @@ def test_the_tokens_write_trains_score_value_and_forget_through_two_segments():
 def test_bad_write_rules_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         GMA6Config(**kwargs)
+
+
+@pytest.mark.parametrize("retention", ["priority", "recent"])
+def test_batched_tokens_write_equals_the_per_layer_write(retention):
+    """read_rule='base': the all-layers write against the instrumented per-layer one, values and gradients."""
+    torch.manual_seed(0)
+    cfg = GMA6Config(num_slots=5, memory_dim=None, layers=[0, 1, 2], write_rule="tokens", tokens_per_segment=3,
+                     read_rule="base", token_retention=retention, usage_decay=0.9).resolve(32, 4, "t")
+    ctl = MemoryController(cfg)
+    for p in ctl.parameters():
+        p.data.add_(0.3 * torch.randn_like(p))
+    state = ctl.init_state(3)
+    state = MemoryState(memory=torch.randn_like(state.memory), usage=torch.rand_like(state.usage) * 0.5,
+                        age=torch.randint(0, 4, state.age.shape).float(), tokens_read=state.tokens_read)
+    hiddens = [torch.randn(3, 7, 32, requires_grad=True) for _ in cfg.layers]
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 2:] = False  # fewer real tokens than picks in one layer's row
+    mask[2] = False  # nothing to write
+    for full in (False, True):
+        m = torch.ones_like(mask) if full else mask
+        fast, _ = ctl.write(state, hiddens, m, full=full)
+        slow, _ = ctl.write(state, hiddens, m, return_stats=True)
+        for name in ("memory", "usage", "age", "tokens_read"):
+            assert torch.allclose(getattr(fast, name).float(), getattr(slow, name).float(), atol=1e-5), (name, full)
+        params = [p for p in ctl.parameters() if p.requires_grad]
+        g_fast = torch.autograd.grad((fast.memory.square().sum() + fast.usage.sum()), [*hiddens, *params], allow_unused=True)
+        g_slow = torch.autograd.grad((slow.memory.square().sum() + slow.usage.sum()), [*hiddens, *params], allow_unused=True)
+        for a, b in zip(g_fast, g_slow):
+            assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-4))
+    kept, _ = ctl.write(state, hiddens, mask)
+    assert torch.equal(kept.memory[2], state.memory[2]) and torch.equal(kept.usage[2], state.usage[2])

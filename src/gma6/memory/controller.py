@@ -106,6 +106,8 @@ class MemoryController(nn.Module):
         """
         cfg = self.config
         if cfg.write_rule == "tokens":
+            if not return_stats and cfg.read_rule == "base":
+                return self._write_tokens_batched(state, hiddens, mask, full), [{} for _ in self.layers]
             return self._write_tokens(state, hiddens, mask, return_stats)
         if not return_stats:
             return self._write_batched(state, hiddens, mask, full), [{} for _ in self.layers]
@@ -160,6 +162,50 @@ class MemoryController(nn.Module):
         )
         return new_state, stats
 
+    def _write_tokens_batched(
+        self, state: MemoryState, hiddens: list[torch.Tensor], mask: torch.Tensor, full: bool = False
+    ) -> MemoryState:
+        """``_write_tokens`` for ``read_rule="base"`` with every layer at once (the same maths as
+        ``EnhancedMemoryLayer.write_tokens``): a few dozen kernels a segment instead of a few dozen a layer."""
+        cfg = self.config
+        w = self._stacked("tokens")
+        mem = state.memory.transpose(0, 1)  # (L, B, S, D)
+        h = torch.stack(hiddens).to(mem.dtype)  # (L, B, T, H)
+        if not full:  # what padding holds must not reach the slots
+            h = h.masked_fill(~mask[None, :, :, None], 0.0)
+        n_layers, b, s, d = mem.shape
+        t = h.shape[2]
+        k = min(cfg.tokens_per_segment, t)
+        hn = F.rms_norm(h, (h.shape[-1],), eps=self.layers[0].norm_h.eps) * w["norm_h"]
+        score = (layer_matmul(hn, w["score_t"]) + w["score_b"]).squeeze(-1)  # (L, B, T)
+        score = score.masked_fill(~mask[None], float("-inf"))
+        top, idx = score.topk(k, dim=-1)
+        valid = torch.isfinite(top)
+        order = torch.where(valid, idx, t + torch.arange(k, device=idx.device)).argsort(dim=-1)
+        idx, top, valid = idx.gather(-1, order), top.gather(-1, order), valid.gather(-1, order)
+        g_in = torch.sigmoid(top.masked_fill(~valid, 0.0)) * valid  # (L, B, k)
+        n = valid.sum(-1)  # (L, B)
+        entries = h.gather(2, idx[..., None].expand(-1, -1, -1, h.shape[-1]))  # (L, B, k, H)
+        usage, age = state.usage.transpose(0, 1), state.age.transpose(0, 1)  # (L, B, S)
+        cand = torch.cat([mem, entries], 2)
+        cand_usage = torch.cat([cfg.usage_decay * usage, g_in.to(usage.dtype)], 2)
+        cand_age = torch.cat([age + 1, torch.zeros_like(g_in, dtype=age.dtype)], 2)
+        if cfg.token_retention == "priority":
+            window = cand_usage.detach().topk(s, dim=-1).indices.sort(dim=-1).values
+        else:
+            window = n[..., None] + torch.arange(s, device=n.device)
+        new = cand.gather(2, window[..., None].expand(-1, -1, -1, d))
+        new_usage, new_age = cand_usage.gather(2, window), cand_age.gather(2, window)
+        keep = (n > 0)[..., None]  # (L, B, 1): a sample with no real token keeps everything
+        new = torch.where(keep[..., None], new, mem)
+        new_usage, new_age = torch.where(keep, new_usage, usage), torch.where(keep, new_age, age)
+        return MemoryState(
+            memory=new.transpose(0, 1).contiguous(), usage=new_usage.transpose(0, 1).contiguous(),
+            age=new_age.transpose(0, 1).contiguous(),
+            tokens_read=state.tokens_read + (mask.shape[1] if full else mask.sum(1)),
+            segments_read=state.segments_read + 1,
+        )
+
     def _stacked(self, group: str) -> dict[str, torch.Tensor]:
         """Every layer's weights of ``group`` ("read" or "write") stacked on a leading L axis.
 
@@ -177,7 +223,13 @@ class MemoryController(nn.Module):
         def stack(get) -> torch.Tensor:
             return torch.stack([get(layer) for layer in layers])  # (L, ...)
 
-        if group == "read":
+        if group == "tokens":
+            w = {
+                "norm_h": stack(lambda m: m.norm_h.weight)[:, None, None],  # (L, 1, 1, H)
+                "score_t": stack(lambda m: m.score.weight).transpose(-1, -2),  # (L, H, 1)
+                "score_b": stack(lambda m: m.score.bias)[:, None, None],  # (L, 1, 1, 1)
+            }
+        elif group == "read":
             w = {
                 "norm_m": stack(lambda m: m.read_gate.norm_m.weight)[:, None, None],  # (L, 1, 1, D)
                 "kv_t": stack(lambda m: m.read_gate.kv.weight).transpose(-1, -2),  # (L, D, 2D)
