@@ -210,8 +210,11 @@ def test_batched_tokens_write_equals_the_per_layer_write(retention):
     mask[2] = False  # nothing to write
     for full in (False, True):
         m = torch.ones_like(mask) if full else mask
-        fast, _ = ctl.write(state, hiddens, m, full=full)
+        with torch.no_grad():  # the path reading takes
+            read_path, _ = ctl.write(state, hiddens, m, full=full)
+        fast = ctl._write_tokens_batched(state, hiddens, m, full)  # the same, with gradients to compare
         slow, _ = ctl.write(state, hiddens, m, return_stats=True)
+        assert torch.equal(read_path.memory, fast.memory.detach())
         for name in ("memory", "usage", "age", "tokens_read"):
             assert torch.allclose(getattr(fast, name).float(), getattr(slow, name).float(), atol=1e-5), (name, full)
         params = [p for p in ctl.parameters() if p.requires_grad]
@@ -219,5 +222,6 @@ def test_batched_tokens_write_equals_the_per_layer_write(retention):
         g_slow = torch.autograd.grad((slow.memory.square().sum() + slow.usage.sum()), [*hiddens, *params], allow_unused=True)
         for a, b in zip(g_fast, g_slow):
             assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-4))
-    kept, _ = ctl.write(state, hiddens, mask)
+    with torch.no_grad():
+        kept, _ = ctl.write(state, hiddens, mask)
     assert torch.equal(kept.memory[2], state.memory[2]) and torch.equal(kept.usage[2], state.usage[2])
