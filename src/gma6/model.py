@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,14 @@ __all__ = ["WEIGHTS_NAME", "MemoryModel", "MemoryOutput", "attach_memory", "load
            "pack_left", "split_aligned", "split_segments"]
 
 _CALL_KWARG = "gma6_call"
+
+
+class _BaseReadInputs(NamedTuple):
+    """What ``read_rule="base"`` reads with besides the slots (passed where the slots read takes its keys and values)."""
+
+    log_usage: torch.Tensor  # (B, S): the slots' logit bias, -inf where never written
+    positions: torch.Tensor | None  # (B or 1, T): the segment's positions as the base numbers them
+    rope: dict | None  # rotary tables shared by the memory layers of one forward
 
 
 @dataclass
@@ -96,7 +104,7 @@ class MemoryModel(MemoryWrapper):
                 kv = None if kv is None else (kv[0].repeat_interleave(r, dim=0), kv[1].repeat_interleave(r, dim=0))
                 bias = None if bias is None else bias.repeat_interleave(r, dim=0)
             if bias is not None:  # read_rule="base": the slots sit before the segment's own positions
-                kv = (bias, kwargs.get("position_ids"), call.rope)
+                kv = _BaseReadInputs(bias, kwargs.get("position_ids"), call.rope)
             if not call.return_stats and self._checkpointing(slot):
                 # The base checkpoints its layers' forward, not their hooks: without this the read's
                 # per-token activations would be kept for backward at every segment.
@@ -115,14 +123,15 @@ class MemoryModel(MemoryWrapper):
 
         return fn
 
-    def _read_into(self, slot: int, hidden: torch.Tensor, memory: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
+    def _read_into(self, slot: int, hidden: torch.Tensor, memory: torch.Tensor,
+                   kv: tuple[torch.Tensor, torch.Tensor] | _BaseReadInputs | None,
                    return_stats: bool = False, with_stats: bool = False) -> Any:
         """``hidden`` plus what it reads from one layer's slots (and the read's statistics if ``with_stats``).
-        For read_rule="base", ``kv`` is ``(log_usage (B, S), position_ids, rotary-table cache)`` instead."""
+        For read_rule="base", ``kv`` is a ``_BaseReadInputs`` instead."""
         norm, gain = self._reading_norms[slot], self._reading_gains[slot]
         if self._base_reads is not None:
             layer = self.controller.layers[slot]
-            bias, positions, rope = kv
+            bias, positions, rope = kv  # _BaseReadInputs
             eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
             if gain is not None and isinstance(eps, float):
                 # the next layer's input norm exactly, as one fused kernel in fp32 (the base's own RMSNorm
