@@ -509,8 +509,8 @@ def _train_rows(
         full_opt.zero_grad(set_to_none=True)
 
     run("train_full", full_step, None)
-    out_rows[-1]["weights"] = "fp32 master, autocast " + str(compute_dtype).replace("torch.", "") if master else str(
-        next(base.parameters()).dtype).replace("torch.", "")
+    name = str(compute_dtype).replace("torch.", "")
+    out_rows[-1]["weights"] = f"fp32 master, autocast {name}" if master else name
     del full_opt
     base.requires_grad_(False)
     if config.train_checkpointing:

@@ -72,6 +72,9 @@ class MemoryModel(MemoryWrapper):
             # Where a reading norm is an RMSNorm, the read folds it into its own (see rms_gain).
             self._reading_gains = [None if n is None else rms_gain(n, self.config.hidden_size) for n in self._reading_norms]
             self._gain_cache: dict[tuple, torch.Tensor] = {}
+            # read_rule="base": the eps of each reading norm that folds into one fused rms_norm (None: call it)
+            self._fold_eps = [getattr(n, "eps", getattr(n, "variance_epsilon", None)) if g is not None else None
+                              for n, g in zip(self._reading_norms, self._reading_gains)]
             # A plain list again (the base's modules are not the adapter's): whether each checkpoints.
             self._hooked_layers = [decoder_layers[i] for i in self.config.layers]
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list again)
@@ -132,8 +135,8 @@ class MemoryModel(MemoryWrapper):
         if self._base_reads is not None:
             layer = self.controller.layers[slot]
             bias, positions, rope = kv  # _BaseReadInputs
-            eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-            if gain is not None and isinstance(eps, float):
+            eps = self._fold_eps[slot]
+            if isinstance(eps, float):
                 # the next layer's input norm exactly, as one fused kernel in fp32 (the base's own RMSNorm
                 # is several kernels, at every memory layer of every segment)
                 view = F.rms_norm(hidden.float(), (hidden.shape[-1],), self._gain(slot, hidden.device, torch.float32),
@@ -407,28 +410,7 @@ def split_segments(
     With ``bos_token_id``, a leading BOS is dropped and every segment starts with one, leaving
     ``segment_length - 1`` text tokens a segment.
     """
-    if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length <= 0:
-        raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
-    if bos_token_id is not None and segment_length < 2:
-        raise ValueError(f"segment_length={segment_length}: needs at least 2 tokens when each segment starts with BOS")
-    input_ids, mask = pack_left(input_ids, mask.bool())
-    if bos_token_id is not None:
-        lead = (input_ids[:, 0] == bos_token_id) & mask[:, 0]
-        if bool(lead.any()):
-            mask = mask.clone()
-            mask[:, 0] &= ~lead
-            input_ids, mask = pack_left(input_ids, mask)
-    step = segment_length - (bos_token_id is not None)
-    width = int(mask.sum(1).max())
-    out = []
-    for s in range(0, max(width, 1), step):
-        ids, m = input_ids[:, s : s + step], mask[:, s : s + step]
-        if bos_token_id is not None:
-            b = ids.shape[0]
-            ids = torch.cat([torch.full((b, 1), bos_token_id, dtype=ids.dtype, device=ids.device), ids], 1)
-            m = torch.cat([m[:, :1], m], 1)  # BOS only where the segment has text
-        out.append((ids, m))
-    return out
+    return [(ids, m) for ids, m, _ in _cut(input_ids, mask, segment_length, bos_token_id)]
 
 
 def split_aligned(
@@ -438,31 +420,51 @@ def split_aligned(
     tokens (a BOS it adds gets 0 / False): per-token targets that follow their tokens into segments."""
     if values.shape != input_ids.shape:
         raise ValueError(f"values shape {tuple(values.shape)} != input_ids shape {tuple(input_ids.shape)}")
-    mask = mask.bool()
-    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices  # pack_left's order
-    ids, values, mask = input_ids.gather(1, order), values.gather(1, order), mask.gather(1, order)
+    return [v for _, _, v in _cut(input_ids, mask, segment_length, bos_token_id, values)]
+
+
+def _cut(
+    input_ids: torch.Tensor, mask: torch.Tensor, segment_length: int, bos_token_id: int | None,
+    values: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """``split_segments``' cut, carrying ``values`` (B, N) along with the tokens when given."""
+    if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length <= 0:
+        raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
+    if bos_token_id is not None and segment_length < 2:
+        raise ValueError(f"segment_length={segment_length}: needs at least 2 tokens when each segment starts with BOS")
+    carried = [input_ids] if values is None else [input_ids, values]
+    mask, carried = _pack(mask.bool(), carried)
     if bos_token_id is not None:
-        lead = (ids[:, 0] == bos_token_id) & mask[:, 0]
+        lead = (carried[0][:, 0] == bos_token_id) & mask[:, 0]
         if bool(lead.any()):
             mask = mask.clone()
             mask[:, 0] &= ~lead
-            order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-            values, mask = values.gather(1, order), mask.gather(1, order)
+            mask, carried = _pack(mask, carried)
+    input_ids, values = carried[0], (carried[1] if values is not None else None)
     step = segment_length - (bos_token_id is not None)
     width = int(mask.sum(1).max())
     out = []
     for s in range(0, max(width, 1), step):
-        v = values[:, s : s + step]
+        ids, m = input_ids[:, s : s + step], mask[:, s : s + step]
+        v = None if values is None else values[:, s : s + step]
         if bos_token_id is not None:
-            v = torch.cat([torch.zeros_like(v[:, :1]), v], 1)
-        out.append(v)
+            b = ids.shape[0]
+            ids = torch.cat([torch.full((b, 1), bos_token_id, dtype=ids.dtype, device=ids.device), ids], 1)
+            m = torch.cat([m[:, :1], m], 1)  # BOS only where the segment has text
+            v = None if v is None else torch.cat([torch.zeros_like(v[:, :1]), v], 1)
+        out.append((ids, m, v))
     return out
 
 
 def pack_left(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the front (order kept), padding to the back."""
-    mask = mask.bool()
+    mask, (input_ids,) = _pack(mask.bool(), [input_ids])
+    return input_ids, mask
+
+
+def _pack(mask: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``pack_left`` of a bool ``mask`` and every (B, N) tensor in ``tensors`` by the same order."""
     if bool(mask[:, : mask.sum(1).max()].all()) and not bool(mask[:, mask.sum(1).max():].any()):
-        return input_ids, mask
+        return mask, list(tensors)
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    return input_ids.gather(1, order), mask.gather(1, order)
+    return mask.gather(1, order), [t.gather(1, order) for t in tensors]
