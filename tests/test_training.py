@@ -341,6 +341,8 @@ def test_selection_supervision_teaches_the_write_which_tokens_are_facts(tmp_path
     train(mm, TOK, cfg, tmp_path, progress=False)
     logs = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert logs[-1]["write_select"] < 0.6 * logs[0]["write_select"]
+    with pytest.raises(ValueError, match="other settings"):  # resuming with another selection weight
+        train(mm, TOK, small_cfg(select_weight=1.0, curriculum=[2], steps_per_stage=30, lr=1e-2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="write_rule='tokens'"):
         train(fresh(), TOK, small_cfg(select_weight=1.0), tmp_path / "slots", progress=False)
     with pytest.raises(ValueError, match="select_weight"):

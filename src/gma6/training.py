@@ -543,7 +543,8 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     saved = json.loads(state["train_config"])
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
-             "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context", "distill_weight")
+             "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context", "distill_weight",
+             "select_weight")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:
