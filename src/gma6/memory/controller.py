@@ -106,8 +106,8 @@ class MemoryController(nn.Module):
         """
         cfg = self.config
         if cfg.write_rule == "tokens":
-            # Batched only without autograd: under it the per-layer write measured faster on the CPU
-            # (training step 11.5 vs 12-14 s, real 270M, 2 x 512 tokens), and training is what made b5.
+            # Batched only without autograd: on the CPU it gained nothing under autograd
+            # (benchmarks/tokens_write_ab.py), and the per-layer write is what trained b5 on the GPU.
             if not return_stats and cfg.read_rule == "base" and not torch.is_grad_enabled():
                 return self._write_tokens_batched(state, hiddens, mask, full), [{} for _ in self.layers]
             return self._write_tokens(state, hiddens, mask, return_stats)
