@@ -19,6 +19,9 @@ def _config(**kw) -> GMA6Config:
     return GMA6Config(**args)
 
 
+SITES = ("residual", "attention")
+
+
 def _open_gates(mm: MemoryModel, value: float = 1.0) -> None:
     with torch.no_grad():
         for layer in mm.controller.layers:
@@ -49,10 +52,64 @@ def test_the_read_is_the_next_layers_own_attention_over_the_slots():
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_outputs_unchanged_at_init_and_an_empty_memory_reads_nothing(tiny_model):
+def test_the_read_inside_the_attention_is_the_residual_reads_before_its_o_projection():
+    """``in_attention`` takes the q projection the layer computed and gives the read before the o
+    projection: through the o projection and the output norm, the residual site's read (whose
+    equality to the layer's own attention over the slots is tested above)."""
+    torch.manual_seed(0)
+    base = tiny_gemma3(layers=4).float()
+    layer = base.model.layers[1]
+    read = BaseAttentionRead(layer, find_rotary(base))
+    s, t, hidden = 5, 7, base.config.hidden_size
+    slots, view = torch.randn(2, s, hidden), torch.randn(2, t, hidden)
+    usage, sink = torch.randn(2, s), torch.tensor(0.3)
+    want, _ = read(view, slots, usage, None, torch.full((hidden,), 30.0), sink)
+    kv = read.slot_keys_values(slots, view.dtype)
+    inside, stats = read.in_attention(layer.self_attn.q_proj(view), view, kv, usage, None,
+                                      torch.full((read.width,), 30.0), sink, return_stats=True)
+    assert inside.shape == (2, t, read.width) and read.width == layer.self_attn.q_proj.out_features
+    assert torch.allclose(layer.post_attention_layernorm(layer.self_attn.o_proj(inside)), want, atol=1e-5)
+    assert 0 < float(stats["read_sink"].min()) < 1
+
+
+def test_the_attention_site_adds_its_read_before_the_next_layers_o_projection(tiny_model):
+    """Memory layer 0's read enters layer 1's attention: layer 0's output is the bare one, and
+    layer 1's o projection gets the bare input plus the gated read."""
+    ids = torch.randint(3, 64, (2, 9))
+    mm = attach_memory(tiny_model, _config(read_site="attention", layers=[0]))
+    _open_gates(mm, 0.5)
+    state = mm(input_ids=ids).memory_state
+    seen: dict[str, list[torch.Tensor]] = {"out0": [], "o_in": [], "q": []}
+    layers = tiny_model.model.layers
+    hooks = [layers[0].register_forward_hook(lambda m, a, o: seen["out0"].append(o[0] if isinstance(o, tuple) else o)),
+             layers[1].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen["o_in"].append(a[0])),
+             layers[1].self_attn.q_proj.register_forward_hook(lambda m, a, o: seen["q"].append((a[0], o)))]
+    try:
+        with torch.no_grad():
+            mm(input_ids=ids, memory_state=state, write=False)
+            with mm.memory_disabled():
+                mm(input_ids=ids, write=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.equal(seen["out0"][0], seen["out0"][1])  # nothing added to the residual stream
+    read, layer = mm._base_reads[0], mm.controller.layers[0]
+    (view, q), _ = seen["q"]
+    from gma6.memory.base_read import log_usage as lu
+    with torch.no_grad():
+        delta, _ = read.in_attention(q, view, read.slot_keys_values(state.memory[:, 0], q.dtype), lu(state.usage[:, 0]),
+                                     None, layer.base_gate, layer.sink)
+    assert delta.abs().max() > 1e-3
+    assert torch.allclose(seen["o_in"][0], seen["o_in"][1] + delta, atol=1e-6)
+    mm.detach()
+    assert hook_count(tiny_model) == 0 and not mm._site and not mm._site_read
+
+
+@pytest.mark.parametrize("site", SITES)
+def test_outputs_unchanged_at_init_and_an_empty_memory_reads_nothing(tiny_model, site):
     ids = torch.randint(3, 64, (2, 9))
     ref = tiny_model(input_ids=ids).logits
-    mm = attach_memory(tiny_model, _config())
+    mm = attach_memory(tiny_model, _config(read_site=site))
     out = mm(input_ids=ids)
     assert torch.allclose(out.logits, ref, atol=1e-6)
     _open_gates(mm)
@@ -93,9 +150,10 @@ def test_priority_retention_keeps_the_highest_gates_in_reading_order(tiny_model)
     assert torch.all(usage[0] > 0) and torch.equal(age[0], torch.tensor([2.0, 2.0, 1.0, 0.0]))
 
 
-def test_gradients_reach_the_gate_sink_and_scorer_and_round_trip(tiny_model, tmp_path):
+@pytest.mark.parametrize("site", SITES)
+def test_gradients_reach_the_gate_sink_and_scorer_and_round_trip(tiny_model, tmp_path, site):
     ids = torch.randint(3, 64, (2, 9))
-    mm = attach_memory(tiny_model, _config())
+    mm = attach_memory(tiny_model, _config(read_site=site))
     _open_gates(mm, 0.5)
     state = mm(input_ids=ids).memory_state
     out = mm(input_ids=ids, memory_state=state, write_targets=ids > 30)
@@ -112,8 +170,9 @@ def test_gradients_reach_the_gate_sink_and_scorer_and_round_trip(tiny_model, tmp
     assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_the_selection_loss_is_the_scores_cross_entropy_against_the_targets(tiny_model):
-    mm = attach_memory(tiny_model, _config())
+@pytest.mark.parametrize("site", SITES)
+def test_the_selection_loss_is_the_scores_cross_entropy_against_the_targets(tiny_model, site):
+    mm = attach_memory(tiny_model, _config(read_site=site))
     ids = torch.randint(3, 64, (2, 9))
     mask = torch.ones(2, 9, dtype=torch.bool)
     mask[1, 6:] = False
@@ -137,6 +196,9 @@ def test_the_selection_loss_is_the_scores_cross_entropy_against_the_targets(tiny
 
 @pytest.mark.parametrize("kw, match", [
     ({"write_rule": "slots", "token_retention": "recent"}, "write_rule='tokens'"),
+    ({"read_site": "mlp"}, "read_site"),
+    ({"read_rule": "memory", "write_rule": "slots", "token_retention": "recent", "memory_dim": 16, "num_heads": 2,
+      "read_site": "attention"}, "read_site='attention' places the base read"),
     ({"read_rule": "nope"}, "read_rule"),
     ({"token_retention": "oldest"}, "token_retention"),
 ])
@@ -176,16 +238,17 @@ def test_log_usage_masks_empty_slots_without_nan_gradients():
     assert torch.isfinite(usage.grad).all() and usage.grad[0] == 0
 
 
-def test_the_read_adapter_starts_as_a_no_op_trains_and_never_touches_the_bases_own_attention(tiny_model):
+@pytest.mark.parametrize("site", SITES)
+def test_the_read_adapter_starts_as_a_no_op_trains_and_never_touches_the_bases_own_attention(tiny_model, site):
     ids = torch.randint(3, 64, (2, 9))
     ref = tiny_model(input_ids=ids).logits
-    plain = attach_memory(tiny_model, _config())
+    plain = attach_memory(tiny_model, _config(read_site=site))
     _open_gates(plain, 0.5)
     state = plain(input_ids=ids).memory_state
     want = plain(input_ids=ids, memory_state=state).logits
     weights = plain.controller.state_dict()
     plain.detach()
-    mm = attach_memory(tiny_model, _config(read_rank=2))
+    mm = attach_memory(tiny_model, _config(read_rank=2, read_site=site))
     mm.controller.load_state_dict(weights, strict=False)
     got = mm(input_ids=ids, memory_state=state)
     assert torch.allclose(got.logits, want, atol=1e-6)  # the adapter's up projection starts at zero
@@ -200,7 +263,10 @@ def test_the_read_adapter_starts_as_a_no_op_trains_and_never_touches_the_bases_o
         # with nothing written, the read adapter has nothing to change: the base's own attention is untouched
         assert torch.allclose(mm(input_ids=ids).logits, ref, atol=1e-6)
     n = sum(p.numel() for p in mm.memory_parameters()) - sum(p.numel() for p in weights.values())
-    assert n == 2 * 2 * (2 * tiny_model.config.hidden_size * 2)  # 2 layers x (q, k) x (down + up) at rank 2
+    hidden = tiny_model.config.hidden_size
+    # the query's change goes to the q projection's output read inside the attention (heads x head width)
+    q_out = hidden if site == "residual" else mm._base_reads[0].width
+    assert n == 2 * 2 * (hidden + hidden) + 2 * 2 * (hidden + q_out)  # 2 layers x (k; q) x (down + up) at rank 2
 
 
 def test_read_rank_needs_the_base_read():
@@ -210,27 +276,28 @@ def test_read_rank_needs_the_base_read():
         _config(read_rank=-1)
 
 
-def _trained_pair(**options_on):
+def _trained_pair(site: str = "residual", **options_on):
     """The same tiny base and base-read memory twice, the memory's gates open: plain, and with ``options_on``."""
-    plain = attach_memory(tiny_gemma3(), _config(read_rank=2))
+    plain = attach_memory(tiny_gemma3(), _config(read_rank=2, read_site=site))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in plain.controller.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    other = attach_memory(tiny_gemma3(), _config(read_rank=2, **options_on))
+    other = attach_memory(tiny_gemma3(), _config(read_rank=2, read_site=site, **options_on))
     other.controller.load_state_dict(plain.controller.state_dict())
     return plain, other
 
 
-def test_the_base_read_under_offload_half_precision_and_checkpointing():
+@pytest.mark.parametrize("site", SITES)
+def test_the_base_read_under_offload_half_precision_and_checkpointing(site):
     ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(1))
-    plain, off = _trained_pair(offload_to_cpu=True)
+    plain, off = _trained_pair(site, offload_to_cpu=True)
     with torch.no_grad():
         a = plain(input_ids=ids[:, 12:], memory_state=plain.read(ids[:, :12], segment_length=6)).logits
         b = off(input_ids=ids[:, 12:], memory_state=off.read(ids[:, :12], segment_length=6)).logits
     assert torch.allclose(a, b, atol=1e-6)
 
-    plain, half = _trained_pair(use_half_precision=True)
+    plain, half = _trained_pair(site, use_half_precision=True)
     assert half.base.get_input_embeddings().weight.dtype in (torch.bfloat16, torch.float16)
     with torch.no_grad():
         h = half(input_ids=ids[:, 12:], memory_state=half.read(ids[:, :12], segment_length=6)).logits.float()
@@ -242,14 +309,16 @@ def test_the_base_read_under_offload_half_precision_and_checkpointing():
         mm(input_ids=ids[:, 12:], memory_state=state, labels=ids[:, 12:]).loss.backward()
         return {n: p.grad.clone() for n, p in mm.controller.named_parameters() if p.grad is not None}
 
-    plain, ck = _trained_pair(gradient_checkpointing=True)
+    plain, ck = _trained_pair(site, gradient_checkpointing=True)
+    assert all(getattr(m, "gradient_checkpointing", False) for m in ck._hooked_layers)
     ref, got = grads(plain), grads(ck)
     assert ref.keys() == got.keys() and len(ref) > 0
     for name in ref:
         assert torch.allclose(ref[name], got[name], atol=1e-5), name
 
 
-def test_the_base_read_on_a_4bit_base(tmp_path):
+@pytest.mark.parametrize("site", SITES)
+def test_the_base_read_on_a_4bit_base(tmp_path, site):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
@@ -260,7 +329,7 @@ def test_the_base_read_on_a_4bit_base(tmp_path):
     ids = torch.randint(3, 64, (2, 16))
     with torch.no_grad():
         ref = base(input_ids=ids).logits
-    mm = attach_memory(base, _config(use_4bit_quantization=True, read_rank=2))
+    mm = attach_memory(base, _config(use_4bit_quantization=True, read_rank=2, read_site=site))
     with torch.no_grad():
         assert torch.equal(mm(input_ids=ids).logits, ref)
         _open_gates(mm)
@@ -271,9 +340,10 @@ def test_the_base_read_on_a_4bit_base(tmp_path):
     assert mm.controller.layers[0].base_gate.grad is not None
 
 
-def test_generate_with_the_base_read_matches_greedy_forwards(tiny_model):
+@pytest.mark.parametrize("site", SITES)
+def test_generate_with_the_base_read_matches_greedy_forwards(tiny_model, site):
     """generate() keeps one call object for every decoding step: the rotary tables must follow each step's positions."""
-    mm = attach_memory(tiny_model, _config(read_rank=2))
+    mm = attach_memory(tiny_model, _config(read_rank=2, read_site=site))
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in mm.controller.parameters():

@@ -67,6 +67,9 @@ def test_the_base_read_with_a_supervised_write_trains_from_the_command_line(tiny
     _train(tiny_checkpoint, tmp_path / "b", "--curriculum", "2", "--select-weight", "1", *base_read)
     cfg = json.loads((tmp_path / "b" / "adapter" / "gma6_config.json").read_text())
     assert (cfg["read_rule"], cfg["write_rule"], cfg["token_retention"], cfg["read_rank"]) == ("base", "tokens", "priority", 2)
+    assert cfg["read_site"] == "residual"
+    _train(tiny_checkpoint, tmp_path / "a", "--curriculum", "1", *base_read, "--read-site", "attention")
+    assert json.loads((tmp_path / "a" / "adapter" / "gma6_config.json").read_text())["read_site"] == "attention"
     log = [json.loads(x) for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
     assert all(r["write_select"] is not None and r["write_select"] > 0 for r in log)
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON, "--read-rule", "base",
@@ -74,3 +77,5 @@ def test_the_base_read_with_a_supervised_write_trains_from_the_command_line(tiny
     assert r.returncode != 0 and "memory_dim" in r.stderr
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "y"), *COMMON, "--select-weight", "1")
     assert r.returncode != 0 and "--write-rule tokens" in r.stderr
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "z"), *COMMON, "--read-site", "attention")
+    assert r.returncode != 0 and "read_site='attention'" in r.stderr

@@ -69,13 +69,14 @@ def test_family_attaches_reads_trains_and_detaches(family, kind):
     assert torch.equal(base(input_ids=x).logits, ref)
 
 
+@pytest.mark.parametrize("site", ["residual", "attention"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_base_read_on_each_family(family):
+def test_the_base_read_on_each_family(family, site):
     """read_rule='base' on families whose attention has q/k/v/o projections (Llama, Qwen2, Mistral, Gemma 2):
     unchanged at init, changed once its gates open, trained through (gradients reach the memory only); refused with a clear TypeError where it has none (Phi-3's fused qkv, GPT-2)."""
     base = _family(family).eval()
     cfg = GMA6Config(num_slots=6, memory_dim=None, layers=[0, 1], write_rule="tokens", tokens_per_segment=3,
-                     read_rule="base", read_rank=2)
+                     read_rule="base", read_rank=2, read_site=site)
     if family in ("phi3", "gpt2"):
         with pytest.raises(TypeError, match="read_rule='base'"):
             attach_memory(base, cfg)

@@ -14,6 +14,7 @@ MEMORY_TYPES = ("gated", "rmt")
 ADDRESSING = ("content", "content+usage")
 WRITE_RULES = ("slots", "tokens")
 READ_RULES = ("memory", "base")
+READ_SITES = ("residual", "attention")
 RETENTIONS = ("recent", "priority")
 
 
@@ -51,6 +52,11 @@ class GMA6Config:
             residual through a tanh gate that starts at zero). Needs ``write_rule="tokens"`` and
             slots as wide as the base (``memory_dim=None``); the memory's own weights are then only
             the gates and the write's scorer.
+        read_site: where ``read_rule="base"`` reads: "residual" (after memory layer i, through layer
+            i+1's projections, added to the residual stream through a gate of the hidden width) or
+            "attention" (inside layer i+1's own attention, with the queries it computes anyway, added
+            before its o projection through a gate of the attention's width: no second pass of the
+            segment through the q and o projections, so nearly free to read).
         read_rank: with ``read_rule="base"``, a low-rank adaptation (rank r, zero at start) of what the
             read's queries and keys are made from, ``x + U V x``: the memory's own, never the base's
             attention (the base reading its window is untouched). 0: none.
@@ -84,6 +90,7 @@ class GMA6Config:
     token_retention: str = "recent"
     read_rule: str = "memory"
     read_rank: int = 0
+    read_site: str = "residual"
     usage_decay: float = 0.9
     usage_weight: float = 1.0
     write_threshold: float = 0.1
@@ -130,6 +137,10 @@ class GMA6Config:
             raise ValueError(f"read_rule={self.read_rule!r}: expected one of {READ_RULES}")
         if isinstance(self.read_rank, bool) or not isinstance(self.read_rank, int) or self.read_rank < 0:
             raise ValueError(f"read_rank={self.read_rank!r}: expected a non-negative int")
+        if self.read_site not in READ_SITES:
+            raise ValueError(f"read_site={self.read_site!r}: expected one of {READ_SITES}")
+        if self.read_site != "residual" and self.read_rule != "base":
+            raise ValueError(f"read_site={self.read_site!r} places the base read: it needs read_rule='base'")
         if self.read_rank and self.read_rule != "base":
             raise ValueError(f"read_rank={self.read_rank} adapts the base read: it needs read_rule='base'")
         if self.read_rule == "base" and (self.write_rule != "tokens" or self.memory_type != "gated"):

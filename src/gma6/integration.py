@@ -96,8 +96,8 @@ def _wrap(fn: HookFn) -> Callable[..., Any]:
 
 
 def hook_count(model: nn.Module) -> int:
-    """Forward hooks registered anywhere in ``model`` (``detach()`` must leave none of ours)."""
-    return sum(len(m._forward_hooks) for m in model.modules())
+    """Forward hooks and pre-hooks registered anywhere in ``model`` (``detach()`` must leave none of ours)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _is_hidden_norm(module: nn.Module, hidden_size: int) -> bool:

@@ -49,6 +49,9 @@ class _Call:
     # read_rule="base": rotary tables shared by the memory layers of one forward (None: not shared, as in
     # generate(), whose one call object sees every decoding step's positions)
     rope: dict | None = field(default_factory=dict)
+    # read_site="attention": per memory layer, its slots as keys and values, kept for the call's later
+    # forwards (generate's decoding steps) where no graph is built
+    site_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default_factory=dict)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -59,14 +62,24 @@ class MemoryModel(MemoryWrapper):
 
     def __init__(self, base: nn.Module, config: GMA6Config) -> None:
         super().__init__(base, config)
-        self.controller = MemoryController(self.config).to(self._base_device())
         self._call: _Call | None = None
         forward_params = inspect.signature(base.forward).parameters.values()
         # Passing the call through the forward's kwargs lets a checkpointed layer see the same
         # memory when it is recomputed in backward; models without **kwargs use the attribute.
         self._pass_kwarg = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in forward_params)
+        # read_site="attention": per memory layer, the call and positions of the next layer's forward
+        # now running, and the read its q projection made for its o projection to add
+        self._site: dict[int, tuple[_Call, torch.Tensor | None]] = {}
+        self._site_read: dict[int, torch.Tensor] = {}
+        self._site_hooks: list[torch.utils.hooks.RemovableHandle] = []
         try:
             decoder_layers = find_decoder_layers(base)
+            # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
+            # the base's modules are not the adapter's)
+            self._base_reads = ([BaseAttentionRead(decoder_layers[i + 1], find_rotary(base)) for i in self.config.layers]
+                                if self.config.read_rule == "base" else None)
+            width = self._base_reads[0].width if self._base_reads else None
+            self.controller = MemoryController(self.config, width).to(self._base_device())
             # A plain list: the base's norms must not become part of the adapter's state_dict.
             self._reading_norms = find_reading_norms(base, self.config.layers)
             # Where a reading norm is an RMSNorm, the read folds it into its own (see rms_gain).
@@ -77,15 +90,18 @@ class MemoryModel(MemoryWrapper):
                               for n, g in zip(self._reading_norms, self._reading_gains)]
             # A plain list again (the base's modules are not the adapter's): whether each checkpoints.
             self._hooked_layers = [decoder_layers[i] for i in self.config.layers]
-            # read_rule="base": each memory layer reads through the next layer's attention (a plain list again)
-            self._base_reads = ([BaseAttentionRead(decoder_layers[i + 1], find_rotary(base)) for i in self.config.layers]
-                                if self.config.read_rule == "base" else None)
             if self._base_reads is not None and any(n is None for n in self._reading_norms):
                 raise TypeError(f"read_rule='base' reads through the next layer's input norm; {type(base).__name__}'s "
                                 "layers have none that gma6 can find")
             self._hooks = LayerHooks(self._hooked_layers, self._make_hook)
             self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
                                 for slot, n in enumerate(self._reading_norms) if n is not None]
+            if self.config.read_site == "attention":
+                for slot, i in enumerate(self.config.layers):
+                    nxt = decoder_layers[i + 1]
+                    self._site_hooks.append(nxt.self_attn.register_forward_pre_hook(self._make_site_enter(slot), with_kwargs=True))
+                    self._site_hooks.append(nxt.self_attn.q_proj.register_forward_hook(self._make_site_query(slot)))
+                    self._site_hooks.append(nxt.self_attn.o_proj.register_forward_pre_hook(self._make_site_output(slot)))
         except BaseException:
             self.detach()
             raise
@@ -95,6 +111,11 @@ class MemoryModel(MemoryWrapper):
         def fn(hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
             call = kwargs.get(_CALL_KWARG) or self._call
             if call is None or self._disabled:
+                return None
+            if self.config.read_site == "attention":  # read inside the next layer's attention (_make_site_*)
+                if call.collect:
+                    call.outputs[slot] = hidden
+                    call.hiddens.pop(slot, None)
                 return None
             # Every tensor op here is a kernel launch or a dispatch a layer a segment, which is what
             # a launch-bound GPU pays for: index and cast only where needed.
@@ -125,6 +146,60 @@ class MemoryModel(MemoryWrapper):
             return new
 
         return fn
+
+    # read_site="attention": three hooks on the next layer's attention (entering it, its q projection, its o
+    # projection). All inside the layer's forward, so they run again when a checkpointed layer is recomputed
+    # (transformers checkpoints a layer's forward, not its own hooks); the base passes our call and the
+    # positions on to its attention in the kwargs.
+    def _make_site_enter(self, slot: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            self._site_read.pop(slot, None)  # never a read left from a forward that failed
+            call = kwargs.get(_CALL_KWARG) or self._call
+            if call is None or self._disabled:
+                self._site.pop(slot, None)
+            else:
+                self._site[slot] = (call, kwargs.get("position_ids"))
+
+        return hook
+
+    def _make_site_query(self, slot: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            ctx = self._site.pop(slot, None)
+            if ctx is None or not args:
+                return
+            call, positions = ctx
+            layer, read = self.controller.layers[slot], self._base_reads[slot]
+            bias = call.log_usage[:, slot]
+            kv = call.site_kv.get(slot) if call.site_kv is not None else None
+            if kv is None:
+                memory = call.memory[:, slot]
+                if memory.shape[0] != output.shape[0]:  # generate() expanded the batch (beams, samples)
+                    r = output.shape[0] // memory.shape[0]
+                    memory = memory.repeat_interleave(r, dim=0)
+                kv = read.slot_keys_values(memory, output.dtype, layer.read_k, call.rope)
+                # kept for the call's later steps only without autograd (generate's decoding steps): a
+                # recomputed checkpoint must build its own graph
+                if call.site_kv is not None and not torch.is_grad_enabled():
+                    call.site_kv[slot] = kv
+            if bias.shape[0] != output.shape[0]:
+                bias = bias.repeat_interleave(output.shape[0] // bias.shape[0], dim=0)
+            delta, stats = read.in_attention(output, args[0], kv, bias, positions, layer.base_gate, layer.sink,
+                                             call.return_stats, layer.read_q, call.rope)
+            self._site_read[slot] = delta
+            if stats:
+                call.stats[slot] = stats
+
+        return hook
+
+    def _make_site_output(self, slot: int):
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            delta = self._site_read.pop(slot, None)
+            if delta is None or not args:
+                return None
+            x = args[0]
+            return (x + delta.to(x.dtype), *args[1:])
+
+        return hook
 
     def _read_into(self, slot: int, hidden: torch.Tensor, memory: torch.Tensor,
                    kv: tuple[torch.Tensor, torch.Tensor] | _BaseReadInputs | None,
@@ -336,9 +411,11 @@ class MemoryModel(MemoryWrapper):
             if hooks is not None:
                 hooks.remove()
         finally:
-            for handle in getattr(self, "_norm_hooks", ()):
+            for handle in [*getattr(self, "_norm_hooks", ()), *getattr(self, "_site_hooks", ())]:
                 handle.remove()
-            self._norm_hooks = []
+            self._norm_hooks, self._site_hooks = [], []
+            getattr(self, "_site", {}).clear()
+            getattr(self, "_site_read", {}).clear()
 
 
 def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> nn.Module:

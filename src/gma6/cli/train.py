@@ -29,6 +29,10 @@ def train(
     read_rule: str = typer.Option(
         "memory", help="memory (the memory's own cross-attention) or base (with --write-rule tokens and --memory-dim 0: "
                        "slots hold the base's own hidden states, read through the next layer's attention)."),
+    read_site: str = typer.Option(
+        "residual", help="With --read-rule base, where the read happens: residual (after the memory layer, through the "
+                         "next layer's projections) or attention (inside the next layer's attention, with its own "
+                         "queries: nearly free to read)."),
     read_rank: int = typer.Option(
         0, help="With --read-rule base: rank of the memory's own low-rank change of the read's queries and keys "
                 "(the base's attention stays untouched; 0: none)."),
@@ -89,7 +93,7 @@ def train(
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
             write_rule=write_rule, tokens_per_segment=tokens_per_segment, token_retention=token_retention,
-            read_rule=read_rule, read_rank=read_rank, usage_decay=usage_decay,
+            read_rule=read_rule, read_rank=read_rank, read_site=read_site, usage_decay=usage_decay,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:

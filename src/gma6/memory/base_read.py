@@ -43,6 +43,9 @@ class BaseAttentionRead:
                             f"{type(layer).__name__} has none")
         self.attn = attn
         self.head_dim = int(getattr(attn, "head_dim"))
+        # the q projection's width (heads x head width): what a read inside the attention adds to
+        heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
+        self.width = int(heads) * self.head_dim if isinstance(heads, int) else int(getattr(attn.q_proj, "out_features"))
         self.groups = int(getattr(attn, "num_key_value_groups", 1))
         self.scaling = float(getattr(attn, "scaling", self.head_dim ** -0.5))
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
@@ -79,12 +82,63 @@ class BaseAttentionRead:
         cos, sin = self._cos_sin(x, positions, cache, key)
         return x * cos + _rotate_half(x) * sin
 
+    def slot_keys_values(
+        self, slots: torch.Tensor, dtype: torch.dtype, k_adapter: nn.Module | None = None, cache: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots (B, S, H) as this layer's keys and values, each (B, n, S, d): projected, k-normed,
+        keys rotated for positions ``0..S-1`` and both repeated over the query groups."""
+        attn, d = self.attn, self.head_dim
+        b, s, _ = slots.shape
+        slots = slots.to(dtype)
+        k_in = slots if k_adapter is None else slots + k_adapter(slots)
+        k = attn.k_proj(k_in).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
+        v = attn.v_proj(slots).view(b, s, -1, d).transpose(1, 2)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = self._rope(k, torch.arange(s, device=slots.device)[None], cache, ("slots", s))
+        if self.groups > 1:
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+        return k, v
+
+    def queries(self, q: torch.Tensor, positions: torch.Tensor | None, s: int, cache: dict | None = None) -> torch.Tensor:
+        """The q projection's output (B, T, n*d) as this layer's queries (B, n, T, d), q-normed and rotated
+        for ``positions + s`` (the segment reads the slots as the tokens just before it)."""
+        b, t, _ = q.shape
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if positions is None:
+            positions = torch.arange(t, device=q.device)[None]
+        return self._rope(q, positions + s, cache, ("queries", s))
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_usage: torch.Tensor, sink: torch.Tensor,
+        return_stats: bool = False,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """q (B, n, T, d) over the slots' k, v (B, n, S, d) in a softmax of their own with a sink column:
+        the read (B, T, n*d) before the output projection, and (``return_stats``) per sample the
+        attention share the sink took ("read_sink": 1 = read nothing)."""
+        b, _, t, _ = q.shape
+        s = k.shape[2]
+        logits = (q @ k.transpose(-1, -2)).float() * self.scaling  # (B, n, T, S)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        logits = logits + log_usage[:, None, None, :].float()
+        # A sink column: a segment with nothing relevant in memory can read (almost) nothing.
+        full = torch.cat([logits, sink.float().expand(*logits.shape[:-1], 1)], dim=-1)
+        p = torch.softmax(full, dim=-1)[..., :s]
+        stats: dict[str, torch.Tensor] = {}
+        if return_stats:
+            with torch.no_grad():
+                stats["read_sink"] = (1 - p.sum(-1)).mean(dim=(1, 2))
+        return (p.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, -1), stats
+
     def __call__(
         self, view: torch.Tensor, slots: torch.Tensor, log_usage: torch.Tensor, positions: torch.Tensor | None,
         gate: torch.Tensor, sink: torch.Tensor, return_stats: bool = False,
         q_adapter: nn.Module | None = None, k_adapter: nn.Module | None = None, cache: dict | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The read-out (B, T, H) to add to the residual stream.
+        """The read-out (B, T, H) to add to the residual stream (``read_site="residual"``).
 
         Args:
             view: the segment through the layer's input norm (B, T, H), the base's dtype.
@@ -101,44 +155,37 @@ class BaseAttentionRead:
         Returns:
             ``(read_out, stats)``.
         """
-        attn, d = self.attn, self.head_dim
-        b, t, _ = view.shape
-        s = slots.shape[1]
-        dtype = view.dtype
-        slots = slots.to(dtype)
         q_in = view if q_adapter is None else view + q_adapter(view)
-        k_in = slots if k_adapter is None else slots + k_adapter(slots)
-        q = attn.q_proj(q_in).view(b, t, -1, d).transpose(1, 2)  # (B, n, T, d)
-        k = attn.k_proj(k_in).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
-        v = attn.v_proj(slots).view(b, s, -1, d).transpose(1, 2)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        if positions is None:
-            positions = torch.arange(t, device=view.device)[None]
-        # the segment reads the slots as the tokens just before it
-        q = self._rope(q, positions + s, cache, ("queries", s))
-        k = self._rope(k, torch.arange(s, device=view.device)[None], cache, ("slots", s))
-        if self.groups > 1:
-            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
-        logits = (q @ k.transpose(-1, -2)).float() * self.scaling  # (B, n, T, S)
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        logits = logits + log_usage[:, None, None, :].float()
-        # A sink column: a segment with nothing relevant in memory can read (almost) nothing.
-        full = torch.cat([logits, sink.float().expand(*logits.shape[:-1], 1)], dim=-1)
-        p = torch.softmax(full, dim=-1)[..., :s]
-        stats: dict[str, torch.Tensor] = {}
-        if return_stats:
-            with torch.no_grad():
-                stats["output_gate"] = torch.tanh(gate).abs().mean().float().expand(b)
-                stats["read_sink"] = (1 - p.sum(-1)).mean(dim=(1, 2))
-        read = (p.to(dtype) @ v).transpose(1, 2).reshape(b, t, -1)
-        out = attn.o_proj(read)
+        k, v = self.slot_keys_values(slots, view.dtype, k_adapter, cache)
+        q = self.queries(self.attn.q_proj(q_in), positions, slots.shape[1], cache)
+        read, stats = self.attend(q, k, v, log_usage, sink, return_stats)
+        out = self.attn.o_proj(read)
         if self.post_norm is not None:
             out = self.post_norm(out)
+        if return_stats:
+            stats["output_gate"] = torch.tanh(gate.detach()).abs().mean().float().expand(view.shape[0])
         return torch.tanh(gate).to(out.dtype) * out, stats
+
+    def in_attention(
+        self, q: torch.Tensor, view: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], log_usage: torch.Tensor,
+        positions: torch.Tensor | None, gate: torch.Tensor, sink: torch.Tensor, return_stats: bool = False,
+        q_adapter: nn.Module | None = None, cache: dict | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The read (B, T, n*d) to add to this layer's attention output before its o projection
+        (``read_site="attention"``): the layer's own queries, so no projection of the segment is added.
+
+        Args:
+            q: the layer's q projection of the segment (B, T, n*d), as the base computed it.
+            view: that projection's input (B, T, H), for ``q_adapter`` (H -> n*d, added to ``q``).
+            kv: ``slot_keys_values`` of the slots; gate: (n*d,) pre-tanh; the rest as ``__call__``.
+        """
+        if q_adapter is not None:
+            q = q + q_adapter(view)
+        k, v = kv
+        read, stats = self.attend(self.queries(q, positions, k.shape[2], cache), k, v, log_usage, sink, return_stats)
+        if return_stats:
+            stats["output_gate"] = torch.tanh(gate.detach()).abs().mean().float().expand(q.shape[0])
+        return torch.tanh(gate).to(read.dtype) * read, stats
 
 
 def log_usage(usage: torch.Tensor) -> torch.Tensor:

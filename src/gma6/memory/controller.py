@@ -37,8 +37,12 @@ def layer_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 class MemoryController(nn.Module):
     """Owns one ``EnhancedMemoryLayer`` per hooked decoder layer and the learned initial memory."""
 
-    def __init__(self, config: GMA6Config) -> None:
+    def __init__(self, config: GMA6Config, read_width: int | None = None) -> None:
+        """``read_width``: with ``read_site="attention"``, the width of the attention output the read
+        adds to (the base's heads x head width; only the model knows it)."""
         super().__init__()
+        if config.read_site == "attention" and read_width is None:
+            raise ValueError("read_site='attention' needs read_width (the base attention's heads x head width)")
         if config.layers is None or config.hidden_size is None:
             raise ValueError("MemoryController needs a config resolved against a model (GMA6Config.resolve)")
         self.config = config
@@ -48,6 +52,7 @@ class MemoryController(nn.Module):
             EnhancedMemoryLayer(
                 config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias,
                 config.write_rule, config.read_rule, config.token_retention, config.read_rank,
+                read_width if config.read_site == "attention" else None,
             )
             for _ in self.layer_ids
         )

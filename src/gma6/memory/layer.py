@@ -13,13 +13,13 @@ from .attention import MemoryAttentionGate, merge_heads, split_heads
 
 
 class LowRank(nn.Module):
-    """``x -> U V x`` of rank r, ``U`` zero at start (so the first step changes nothing), computed in
+    """``x -> U V x`` of rank r (into ``out_dim``, default ``dim``), ``U`` zero at start (so the first step changes nothing), computed in
     the parameters' dtype and returned in ``x``'s."""
 
-    def __init__(self, dim: int, rank: int) -> None:
+    def __init__(self, dim: int, rank: int, out_dim: int | None = None) -> None:
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
-        self.up = nn.Linear(rank, dim, bias=False)
+        self.up = nn.Linear(rank, dim if out_dim is None else out_dim, bias=False)
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,7 @@ class EnhancedMemoryLayer(nn.Module):
         read_rule: str = "memory",
         retention: str = "recent",
         read_rank: int = 0,
+        read_width: int | None = None,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -65,10 +66,14 @@ class EnhancedMemoryLayer(nn.Module):
         self.read_rule = read_rule
         self.retention = retention
         if read_rule == "base":
-            self.base_gate = nn.Parameter(torch.zeros(hidden_size))  # tanh(0) = 0: outputs unchanged at first
+            # read_width: where the read is added (None: the residual stream; else the next layer's
+            # attention output before its o projection, heads x head width)
+            width = hidden_size if read_width is None else read_width
+            self.base_gate = nn.Parameter(torch.zeros(width))  # tanh(0) = 0: outputs unchanged at first
             self.sink = nn.Parameter(torch.zeros(()))
-            # the memory's own low-rank change of the read's query and key inputs (zero at start)
-            self.read_q = LowRank(hidden_size, read_rank) if read_rank else None
+            # the memory's own low-rank change of the read's query and key inputs (zero at start); read
+            # inside the attention, the query's change is added to the q projection's output
+            self.read_q = LowRank(hidden_size, read_rank, width) if read_rank else None
             self.read_k = LowRank(hidden_size, read_rank) if read_rank else None
         else:
             self.read_gate = MemoryAttentionGate(hidden_size, dim, heads, output_gate_bias)
