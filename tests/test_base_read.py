@@ -253,12 +253,12 @@ def test_the_read_adapter_starts_as_a_no_op_trains_and_never_touches_the_bases_o
     got = mm(input_ids=ids, memory_state=state)
     assert torch.allclose(got.logits, want, atol=1e-6)  # the adapter's up projection starts at zero
     got.logits.float().square().mean().backward()
-    ups = [m.read_q.up.weight.grad for m in mm.controller.layers] + [m.read_k.up.weight.grad for m in mm.controller.layers]
+    ups = [getattr(m, f"read_{x}").up.weight.grad for m in mm.controller.layers for x in "qkv"]
     assert all(g is not None and g.abs().sum() > 0 for g in ups)
     with torch.no_grad():
         for m in mm.controller.layers:
-            m.read_q.up.weight.normal_()
-            m.read_k.up.weight.normal_()
+            for x in "qkv":
+                getattr(m, f"read_{x}").up.weight.normal_()
         assert not torch.allclose(mm(input_ids=ids, memory_state=state).logits, want, atol=1e-4)
         # with nothing written, the read adapter has nothing to change: the base's own attention is untouched
         assert torch.allclose(mm(input_ids=ids).logits, ref, atol=1e-6)
@@ -266,7 +266,7 @@ def test_the_read_adapter_starts_as_a_no_op_trains_and_never_touches_the_bases_o
     hidden = tiny_model.config.hidden_size
     # the query's change goes to the q projection's output read inside the attention (heads x head width)
     q_out = hidden if site == "residual" else mm._base_reads[0].width
-    assert n == 2 * 2 * (hidden + hidden) + 2 * 2 * (hidden + q_out)  # 2 layers x (k; q) x (down + up) at rank 2
+    assert n == 2 * 2 * 2 * (hidden + hidden) + 2 * 2 * (hidden + q_out)  # 2 layers x (k, v; q) x (down + up) at rank 2
 
 
 def test_read_rank_needs_the_base_read():

@@ -58,7 +58,7 @@ class GMA6Config:
             before its o projection through a gate of the attention's width: no second pass of the
             segment through the q and o projections, so nearly free to read).
         read_rank: with ``read_rule="base"``, a low-rank adaptation (rank r, zero at start) of what the
-            read's queries and keys are made from, ``x + U V x``: the memory's own, never the base's
+            read's queries, keys and values are made from, ``x + U V x``: the memory's own, never the base's
             attention (the base reading its window is untouched). 0: none.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.

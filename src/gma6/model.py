@@ -176,7 +176,7 @@ class MemoryModel(MemoryWrapper):
                 if memory.shape[0] != output.shape[0]:  # generate() expanded the batch (beams, samples)
                     r = output.shape[0] // memory.shape[0]
                     memory = memory.repeat_interleave(r, dim=0)
-                kv = read.slot_keys_values(memory, output.dtype, layer.read_k, call.rope)
+                kv = read.slot_keys_values(memory, output.dtype, layer.read_k, call.rope, layer.read_v)
                 # kept for the call's later steps only without autograd (generate's decoding steps): a
                 # recomputed checkpoint must build its own graph
                 if call.site_kv is not None and not torch.is_grad_enabled():
@@ -219,7 +219,7 @@ class MemoryModel(MemoryWrapper):
             else:
                 view = norm(hidden)
             delta, stats = self._base_reads[slot](view, memory, bias, positions, layer.base_gate, layer.sink,
-                                                  return_stats, layer.read_q, layer.read_k, rope)
+                                                  return_stats, layer.read_q, layer.read_k, rope, layer.read_v)
             new = hidden + delta.to(hidden.dtype)
             return (new, stats) if with_stats else new
         if gain is not None:  # rms_norm(norm(h)) == rms_norm(h * g): the read normalises its view

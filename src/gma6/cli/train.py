@@ -34,7 +34,7 @@ def train(
                          "next layer's projections) or attention (inside the next layer's attention, with its own "
                          "queries: nearly free to read)."),
     read_rank: int = typer.Option(
-        0, help="With --read-rule base: rank of the memory's own low-rank change of the read's queries and keys "
+        0, help="With --read-rule base: rank of the memory's own low-rank change of the read's queries, keys and values "
                 "(the base's attention stays untouched; 0: none)."),
     usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),

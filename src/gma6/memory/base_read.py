@@ -84,6 +84,7 @@ class BaseAttentionRead:
 
     def slot_keys_values(
         self, slots: torch.Tensor, dtype: torch.dtype, k_adapter: nn.Module | None = None, cache: dict | None = None,
+        v_adapter: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots (B, S, H) as this layer's keys and values, each (B, n, S, d): projected, k-normed,
         keys rotated for positions ``0..S-1`` and both repeated over the query groups."""
@@ -92,7 +93,8 @@ class BaseAttentionRead:
         slots = slots.to(dtype)
         k_in = slots if k_adapter is None else slots + k_adapter(slots)
         k = attn.k_proj(k_in).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
-        v = attn.v_proj(slots).view(b, s, -1, d).transpose(1, 2)
+        v_in = slots if v_adapter is None else slots + v_adapter(slots)
+        v = attn.v_proj(v_in).view(b, s, -1, d).transpose(1, 2)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = self._rope(k, torch.arange(s, device=slots.device)[None], cache, ("slots", s))
@@ -137,6 +139,7 @@ class BaseAttentionRead:
         self, view: torch.Tensor, slots: torch.Tensor, log_usage: torch.Tensor, positions: torch.Tensor | None,
         gate: torch.Tensor, sink: torch.Tensor, return_stats: bool = False,
         q_adapter: nn.Module | None = None, k_adapter: nn.Module | None = None, cache: dict | None = None,
+        v_adapter: nn.Module | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The read-out (B, T, H) to add to the residual stream (``read_site="residual"``).
 
@@ -148,15 +151,15 @@ class BaseAttentionRead:
             gate: (H,) pre-tanh output gate; sink: () the logit of attending to nothing.
             return_stats: also return per sample the gate's mean |tanh| ("output_gate") and the
                 attention share the sink took ("read_sink": 1 = read nothing).
-            q_adapter, k_adapter: the memory's own changes of the query and key inputs
-                (``x + adapter(x)``; ``GMA6Config.read_rank``); the values stay the base's.
+            q_adapter, k_adapter, v_adapter: the memory's own changes of the query, key and value inputs
+                (``x + adapter(x)``; ``GMA6Config.read_rank``); the base's own projections stay untouched.
             cache: a dict that lives for one forward of the base (rotary tables shared by its layers).
 
         Returns:
             ``(read_out, stats)``.
         """
         q_in = view if q_adapter is None else view + q_adapter(view)
-        k, v = self.slot_keys_values(slots, view.dtype, k_adapter, cache)
+        k, v = self.slot_keys_values(slots, view.dtype, k_adapter, cache, v_adapter)
         q = self.queries(self.attn.q_proj(q_in), positions, slots.shape[1], cache)
         read, stats = self.attend(q, k, v, log_usage, sink, return_stats)
         out = self.attn.o_proj(read)
@@ -180,7 +183,7 @@ class BaseAttentionRead:
             kv: ``slot_keys_values`` of the slots; gate: (n*d,) pre-tanh; the rest as ``__call__``.
         """
         if q_adapter is not None:
-            q = q + q_adapter(view)
+            q = q + q_adapter(view).to(q.dtype)
         k, v = kv
         read, stats = self.attend(self.queries(q, positions, k.shape[2], cache), k, v, log_usage, sink, return_stats)
         if return_stats:

@@ -71,10 +71,11 @@ class EnhancedMemoryLayer(nn.Module):
             width = hidden_size if read_width is None else read_width
             self.base_gate = nn.Parameter(torch.zeros(width))  # tanh(0) = 0: outputs unchanged at first
             self.sink = nn.Parameter(torch.zeros(()))
-            # the memory's own low-rank change of the read's query and key inputs (zero at start); read
+            # the memory's own low-rank change of the read's query, key and value inputs (zero at start); read
             # inside the attention, the query's change is added to the q projection's output
             self.read_q = LowRank(hidden_size, read_rank, width) if read_rank else None
             self.read_k = LowRank(hidden_size, read_rank) if read_rank else None
+            self.read_v = LowRank(hidden_size, read_rank) if read_rank else None
         else:
             self.read_gate = MemoryAttentionGate(hidden_size, dim, heads, output_gate_bias)
         self.norm_h = nn.RMSNorm(hidden_size, eps=1e-6)
