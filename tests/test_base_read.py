@@ -72,6 +72,36 @@ def test_the_read_inside_the_attention_is_the_residual_reads_before_its_o_projec
     assert 0 < float(stats["read_sink"].min()) < 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_read_equals_the_explicit_one(dtype):
+    """``prepare_slots`` + ``fused_read`` (one SDPA call, the sink as a zero key and value, grouped queries
+    unrepeated, the folded q_norm and the roll form of RoPE) give ``in_attention``'s read: with empty
+    slots, positions after a left pad, and the memory's own query/key/value adapters."""
+    from gma6.memory.layer import LowRank
+
+    torch.manual_seed(0)
+    base = tiny_gemma3(layers=4).to(dtype)
+    layer = base.model.layers[2]
+    read = BaseAttentionRead(layer, find_rotary(base))
+    assert read.fusable and read.groups == 2 and read._q_fold is not None and read._k_fold is not None
+    s, t, hidden = 5, 7, base.config.hidden_size
+    slots, view = torch.randn(2, s, hidden, dtype=dtype), torch.randn(2, t, hidden, dtype=dtype)
+    usage = torch.randn(2, s)
+    usage[1, :2] = float("-inf")  # never written
+    positions = torch.stack([torch.arange(t), (torch.arange(t) - 2).clamp(min=0)])
+    gate, sink = torch.randn(read.width), torch.tensor(0.4)
+    qa, ka, va = LowRank(hidden, 2, read.width), LowRank(hidden, 2), LowRank(hidden, 2)
+    for m in (qa, ka, va):
+        torch.nn.init.normal_(m.up.weight, std=0.3)
+    q = layer.self_attn.q_proj(view)
+    with torch.no_grad():
+        want, _ = read.in_attention(q, view, read.slot_keys_values(slots, dtype, ka, None, va), usage, positions, gate, sink,
+                                    q_adapter=qa)
+        got = read.fused_read(q, view, read.prepare_slots(slots, usage, sink, dtype, ka, va), positions, gate, qa)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
+
 def test_the_attention_site_adds_its_read_before_the_next_layers_o_projection(tiny_model):
     """Memory layer 0's read enters layer 1's attention: layer 0's output is the bare one, and
     layer 1's o projection gets the bare input plus the gated read."""

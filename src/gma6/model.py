@@ -49,9 +49,9 @@ class _Call:
     # read_rule="base": rotary tables shared by the memory layers of one forward (None: not shared, as in
     # generate(), whose one call object sees every decoding step's positions)
     rope: dict | None = field(default_factory=dict)
-    # read_site="attention": per memory layer, its slots as keys and values, kept for the call's later
-    # forwards (generate's decoding steps) where no graph is built
-    site_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = field(default_factory=dict)
+    # read_site="attention": per (memory layer, fused read or not), its slots as the read takes them, kept for
+    # the call's later forwards (generate's decoding steps) where no graph is built
+    site_kv: dict[tuple[int, bool], tuple] | None = field(default_factory=dict)
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -169,22 +169,28 @@ class MemoryModel(MemoryWrapper):
                 return
             call, positions = ctx
             layer, read = self.controller.layers[slot], self._base_reads[slot]
-            bias = call.log_usage[:, slot]
-            kv = call.site_kv.get(slot) if call.site_kv is not None else None
-            if kv is None:
-                memory = call.memory[:, slot]
+            fused = read.fusable and not call.return_stats  # the statistics need the attention weights
+            slots = call.site_kv.get((slot, fused)) if call.site_kv is not None else None
+            if slots is None:
+                memory, bias = call.memory[:, slot], call.log_usage[:, slot]
                 if memory.shape[0] != output.shape[0]:  # generate() expanded the batch (beams, samples)
                     r = output.shape[0] // memory.shape[0]
-                    memory = memory.repeat_interleave(r, dim=0)
-                kv = read.slot_keys_values(memory, output.dtype, layer.read_k, call.rope, layer.read_v)
+                    memory, bias = memory.repeat_interleave(r, dim=0), bias.repeat_interleave(r, dim=0)
+                if fused:
+                    slots = read.prepare_slots(memory, bias, layer.sink, output.dtype, layer.read_k, layer.read_v, call.rope)
+                else:
+                    slots = (read.slot_keys_values(memory, output.dtype, layer.read_k, call.rope, layer.read_v), bias)
                 # kept for the call's later steps only without autograd (generate's decoding steps): a
                 # recomputed checkpoint must build its own graph
                 if call.site_kv is not None and not torch.is_grad_enabled():
-                    call.site_kv[slot] = kv
-            if bias.shape[0] != output.shape[0]:
-                bias = bias.repeat_interleave(output.shape[0] // bias.shape[0], dim=0)
-            delta, stats = read.in_attention(output, args[0], kv, bias, positions, layer.base_gate, layer.sink,
-                                             call.return_stats, layer.read_q, call.rope)
+                    call.site_kv[(slot, fused)] = slots
+            if fused:
+                delta, stats = read.fused_read(output, args[0], slots, positions, layer.base_gate, layer.read_q,
+                                               call.rope), {}
+            else:
+                kv, bias = slots
+                delta, stats = read.in_attention(output, args[0], kv, bias, positions, layer.base_gate, layer.sink,
+                                                 call.return_stats, layer.read_q, call.rope)
             self._site_read[slot] = delta
             if stats:
                 call.stats[slot] = stats

@@ -13,7 +13,10 @@ memory's training has to learn is which tokens to keep and how much of the read 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ..integration import rms_gain
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -51,6 +54,10 @@ class BaseAttentionRead:
         self.softcap = getattr(attn, "attn_logit_softcapping", None)
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
+        # q_norm and k_norm as one fused rms_norm each where they are RMSNorms (Gemma's 1 + w, Qwen's w): the base's own is
+        # several kernels, paid at every memory layer of every segment (None: call the base's module)
+        self._q_fold, self._k_fold = self._fold(self.q_norm), self._fold(self.k_norm)
+        self._gains: dict[tuple, torch.Tensor] = {}
         # Gemma 2/3 normalise the attention's output before the residual (and have a separate
         # pre-feed-forward norm); in Llama-style layers "post_attention_layernorm" is the MLP's input norm.
         self.post_norm = getattr(layer, "post_attention_layernorm", None) if hasattr(layer, "pre_feedforward_layernorm") else None
@@ -59,6 +66,25 @@ class BaseAttentionRead:
         # type on the attention but have one table and take no such argument.
         per_type = isinstance(getattr(rotary, "rope_type", None), dict)
         self.layer_type = getattr(attn, "layer_type", None) if per_type else None
+
+    def _fold(self, norm: nn.Module | None) -> tuple[torch.Tensor, float] | None:
+        if norm is None:
+            return None
+        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+        gain = rms_gain(norm, self.head_dim) if isinstance(eps, float) else None
+        return None if gain is None else (gain, eps)
+
+    def _norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
+        """x (..., d) through the layer's q_norm or k_norm (``which``), in fp32 as Gemma's and Qwen's own
+        norms compute it."""
+        fold = self._q_fold if which == "q" else self._k_fold
+        if fold is None:
+            return (self.q_norm if which == "q" else self.k_norm)(x)
+        gain, eps = fold
+        key = (which, x.device)
+        if key not in self._gains:
+            self._gains[key] = gain.to(x.device, torch.float32)
+        return F.rms_norm(x.float(), (x.shape[-1],), self._gains[key], eps).to(x.dtype)
 
     def _cos_sin(self, like: torch.Tensor, positions: torch.Tensor, cache: dict | None, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary tables for ``positions`` (B or 1, N), as (B or 1, 1, N, d) in ``like``'s dtype; kept in
@@ -70,6 +96,20 @@ class BaseAttentionRead:
         args = (like, positions) if self.layer_type is None else (like, positions, self.layer_type)
         cos, sin = self.rotary(*args)
         out = (cos[:, None].to(like.dtype), sin[:, None].to(like.dtype))
+        if cache is not None:
+            cache[full_key] = out
+        return out
+
+    def _cos_signed_sin(self, like: torch.Tensor, positions: torch.Tensor, cache: dict | None, key: tuple
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_cos_sin`` with the sine's first half negated: ``rotate_half(x) * sin == roll(x) * signed_sin``,
+        two kernels fewer than the rotate-half form."""
+        full_key = (*key, "signed", self.layer_type, like.dtype)
+        if cache is not None and full_key in cache:
+            return cache[full_key]
+        cos, sin = self._cos_sin(like, positions, cache, key)
+        half = sin.shape[-1] // 2
+        out = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
         if cache is not None:
             cache[full_key] = out
         return out
@@ -189,6 +229,62 @@ class BaseAttentionRead:
         if return_stats:
             stats["output_gate"] = torch.tanh(gate.detach()).abs().mean().float().expand(q.shape[0])
         return torch.tanh(gate).to(read.dtype) * read, stats
+
+    # ---------------------------------------------------------------- the fused read (read_site="attention")
+    # Equal to ``in_attention`` in exact arithmetic, in a handful of kernels a layer: the slots' keys and
+    # values with a sink row (key 0, value 0, its logit the sink through the mask) for one fused SDPA call.
+    @property
+    def fusable(self) -> bool:
+        """Whether ``fused_read`` applies (SDPA has no logit softcapping: Gemma 2 takes ``in_attention``)."""
+        return not self.softcap
+
+    def prepare_slots(
+        self, slots: torch.Tensor, log_usage: torch.Tensor, sink: torch.Tensor, dtype: torch.dtype,
+        k_adapter: nn.Module | None = None, v_adapter: nn.Module | None = None, cache: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (B, g, S + 1, d) (not repeated over the query groups) and the additive mask
+        (B, 1, 1, S + 1) of ``fused_read``: the slots as ``slot_keys_values`` makes them, then the sink row."""
+        attn, d = self.attn, self.head_dim
+        b, s, _ = slots.shape
+        slots = slots.to(dtype)
+        k_in = slots if k_adapter is None else slots + k_adapter(slots)
+        v_in = slots if v_adapter is None else slots + v_adapter(slots)
+        k = attn.k_proj(k_in).view(b, s, -1, d)
+        v = attn.v_proj(v_in).view(b, s, -1, d)
+        if self.k_norm is not None:
+            k = self._norm(k, "k")
+        k = k.transpose(1, 2)
+        if self.rotary is not None:
+            cos, ssin = self._cos_signed_sin(k, torch.arange(s, device=slots.device)[None], cache, ("slots", s))
+            k = torch.addcmul(k * cos, k.roll(d // 2, dims=-1), ssin)
+        zero = k.new_zeros(b, k.shape[1], 1, d)
+        k = torch.cat([k, zero], dim=2)
+        v = torch.cat([v.transpose(1, 2), zero], dim=2)
+        mask = torch.cat([log_usage.to(dtype), sink.to(dtype).expand(b, 1)], dim=1)[:, None, None, :]
+        return k, v, mask
+
+    def fused_read(
+        self, q: torch.Tensor, view: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        positions: torch.Tensor | None, gate: torch.Tensor, q_adapter: nn.Module | None = None, cache: dict | None = None,
+    ) -> torch.Tensor:
+        """``in_attention``'s read (B, T, n*d) from ``prepare_slots``' keys, values and mask (no statistics)."""
+        b, t, _ = q.shape
+        d = self.head_dim
+        if q_adapter is not None:
+            q = q + q_adapter(view).to(q.dtype)
+        q = q.view(b, t, -1, d)
+        if self.q_norm is not None:
+            q = self._norm(q, "q")
+        q = q.transpose(1, 2)
+        k, v, mask = prepared
+        if self.rotary is not None:
+            if positions is None:
+                positions = torch.arange(t, device=q.device)[None]
+            cos, ssin = self._cos_signed_sin(q, positions + (k.shape[2] - 1), cache, ("queries", k.shape[2] - 1))
+            q = torch.addcmul(q * cos, q.roll(d // 2, dims=-1), ssin)
+        read = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+        return read.transpose(1, 2).reshape(b, t, -1) * torch.tanh(gate).to(read.dtype)
+
 
 
 def log_usage(usage: torch.Tensor) -> torch.Tensor:
