@@ -5,7 +5,7 @@ memory's read-only pass vs ``read``'s full segment step (read + write).
 Where the GPU is launch-bound (small batches, a small model), the memory's cost is roughly its
 share of extra operator calls and kernel launches; this measures that share on any machine.
 
-    python benchmarks/count_ops.py [--model M] [--adapter DIR] [--tokens 64] [--device cpu] [--dtype float32]
+    python benchmarks/count_ops.py [--model M] [--adapter DIR [--kind-only]] [--tokens 64] [--device cpu] [--dtype float32]
                                    [--out results/ops-cpu.json]
 """
 
@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--adapter", default=str(default_adapter()),
                     help="adapter folder, or 'fresh' for a new memory of the default config (what gma6 bench reads with)")
+    ap.add_argument("--kind-only", action="store_true",
+                    help="a fresh memory of the adapter's config, its LoRA left out (what gma6 bench --adapter times)")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -105,7 +107,14 @@ def main() -> None:
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     base, tok = gma6.load_base(args.model, dtype=dtype, device=args.device, progress=False)
-    mm = gma6.attach_memory(base) if args.adapter == "fresh" else gma6.load_adapter(base, args.adapter)
+    if args.adapter == "fresh":
+        mm = gma6.attach_memory(base)
+    elif args.kind_only:
+        import dataclasses
+
+        mm = gma6.attach_memory(base, dataclasses.replace(gma6.GMA6Config.load(args.adapter), lora_rank=0))
+    else:
+        mm = gma6.load_adapter(base, args.adapter)
     ids = torch.randint(3, 1000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     state = mm.init_state(args.batch)
