@@ -8,7 +8,7 @@ from conftest import tiny_gemma3
 
 from gma6 import GMA6Config
 from gma6.integration import hook_count
-from gma6.memory.base_read import BaseAttentionRead, find_rotary, log_usage
+from gma6.memory.base_read import BaseAttentionRead, StackedSlots, add_read, find_rotary, log_usage
 from gma6.model import MemoryModel, attach_memory
 
 
@@ -97,9 +97,47 @@ def test_the_fused_read_equals_the_explicit_one(dtype):
     with torch.no_grad():
         want, _ = read.in_attention(q, view, read.slot_keys_values(slots, dtype, ka, None, va), usage, positions, gate, sink,
                                     q_adapter=qa)
-        got = read.fused_read(q, view, read.prepare_slots(slots, usage, sink, dtype, ka, va), positions, gate, qa)
+        fused = read.fused_read(q, view, read.prepare_slots(slots, usage, sink, dtype, ka, va), positions, qa)
+        got = add_read(torch.zeros_like(want), fused, torch.tanh(gate))
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert got.dtype == dtype and torch.allclose(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("rank", [0, 2])
+def test_every_layers_slots_prepared_at_once_equal_each_layers_own(rank):
+    """``StackedSlots`` (one batched matmul for every layer's k and v, one norm, RoPE tables of both layer
+    types stacked) gives each layer's ``prepare_slots``; the model's logits are the same either way; a LoRA on
+    v_proj makes the model prepare layer by layer."""
+    torch.manual_seed(0)
+    base = tiny_gemma3(layers=5).float()
+    mm = attach_memory(base, _config(layers=[0, 1, 2, 3], read_site="attention", read_rank=rank))
+    assert {r.layer_type for r in mm._base_reads} == {"sliding_attention", "full_attention"}
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(3, 64, (2, 12), generator=g)
+    state = mm(input_ids=ids).memory_state
+    memory, usage = state.memory, log_usage(state.usage)
+    layers = mm.controller.layers
+    adapters = (lambda name: [getattr(m, name) for m in layers]) if rank else (lambda name: None)
+    with torch.no_grad():
+        stacked = mm._stacked.prepare(memory, usage, torch.stack([m.sink for m in layers]), torch.float32,
+                                      adapters("read_k"), adapters("read_v"), {})
+        for i, (read, m) in enumerate(zip(mm._base_reads, layers)):
+            want = read.prepare_slots(memory[:, i], usage[:, i], m.sink, torch.float32, m.read_k, m.read_v)
+            for a, b in zip(stacked[i], want):
+                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+        assert mm._stacked.applies()
+        fast = mm(input_ids=ids, memory_state=state, write=False).logits
+        applies, mm._stacked.applies = mm._stacked.applies, lambda: False
+        try:
+            slow = mm(input_ids=ids, memory_state=state, write=False).logits
+        finally:
+            mm._stacked.applies = applies
+    assert torch.allclose(fast, slow, atol=1e-5) and (fast - mm.base(input_ids=ids).logits).abs().max() > 1e-3
+    mm.add_lora(2, targets=["v_proj"])
+    assert not mm._stacked.applies()
 
 
 def test_the_attention_site_adds_its_read_before_the_next_layers_o_projection(tiny_model):

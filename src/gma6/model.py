@@ -19,7 +19,7 @@ from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, rms_gain
 from .memory import MemoryController
 from .memory.attention import read_dtype
-from .memory.base_read import BaseAttentionRead, find_rotary, log_usage
+from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, find_rotary, log_usage
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
 
@@ -52,6 +52,9 @@ class _Call:
     # read_site="attention": per (memory layer, fused read or not), its slots as the read takes them, kept for
     # the call's later forwards (generate's decoding steps) where no graph is built
     site_kv: dict[tuple[int, bool], tuple] | None = field(default_factory=dict)
+    # read_site="attention", fused: every layer's slots prepared at once (StackedSlots) and tanh(gate), per layer
+    site_slots: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    site_gates: list[torch.Tensor] | None = None
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
     stats: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -72,6 +75,7 @@ class MemoryModel(MemoryWrapper):
         self._site: dict[int, tuple[_Call, torch.Tensor | None]] = {}
         self._site_read: dict[int, torch.Tensor] = {}
         self._site_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._stacked: StackedSlots | None = None
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -96,6 +100,7 @@ class MemoryModel(MemoryWrapper):
             self._hooks = LayerHooks(self._hooked_layers, self._make_hook)
             self._norm_hooks = [n.register_forward_hook(self._make_norm_hook(slot))
                                 for slot, n in enumerate(self._reading_norms) if n is not None]
+            self._stacked = StackedSlots(self._base_reads) if self.config.read_site == "attention" else None
             if self.config.read_site == "attention":
                 for slot, i in enumerate(self.config.layers):
                     nxt = decoder_layers[i + 1]
@@ -170,7 +175,9 @@ class MemoryModel(MemoryWrapper):
             call, positions = ctx
             layer, read = self.controller.layers[slot], self._base_reads[slot]
             fused = read.fusable and not call.return_stats  # the statistics need the attention weights
-            slots = call.site_kv.get((slot, fused)) if call.site_kv is not None else None
+            slots = call.site_slots[slot] if fused and call.site_slots is not None else None
+            if slots is None and call.site_kv is not None:
+                slots = call.site_kv.get((slot, fused))
             if slots is None:
                 memory, bias = call.memory[:, slot], call.log_usage[:, slot]
                 if memory.shape[0] != output.shape[0]:  # generate() expanded the batch (beams, samples)
@@ -185,8 +192,8 @@ class MemoryModel(MemoryWrapper):
                 if call.site_kv is not None and not torch.is_grad_enabled():
                     call.site_kv[(slot, fused)] = slots
             if fused:
-                delta, stats = read.fused_read(output, args[0], slots, positions, layer.base_gate, layer.read_q,
-                                               call.rope), {}
+                gate = call.site_gates[slot] if call.site_gates is not None else torch.tanh(layer.base_gate)
+                delta, stats = (read.fused_read(output, args[0], slots, positions, layer.read_q, call.rope), gate), {}
             else:
                 kv, bias = slots
                 delta, stats = read.in_attention(output, args[0], kv, bias, positions, layer.base_gate, layer.sink,
@@ -203,6 +210,8 @@ class MemoryModel(MemoryWrapper):
             if delta is None or not args:
                 return None
             x = args[0]
+            if isinstance(delta, tuple):  # the fused read and its tanh(gate): one kernel
+                return (add_read(x, *delta), *args[1:])
             return (x + delta.to(x.dtype), *args[1:])
 
         return hook
@@ -363,6 +372,8 @@ class MemoryModel(MemoryWrapper):
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
         call = _Call(memory=state.memory, collect=write, return_stats=return_stats,
                      kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=self._log_usage(state))
+        if not return_stats:
+            self._prepare_site(call, input_ids.shape[0])
         if self._pass_kwarg:
             kwargs[_CALL_KWARG] = call
         self._call = call
@@ -388,6 +399,19 @@ class MemoryModel(MemoryWrapper):
         return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats,
                             hidden_states=getattr(out, "hidden_states", None), write_loss=write_loss)
 
+    def _prepare_site(self, call: _Call, batch: int) -> None:
+        """read_site="attention": every layer's slots and gates for the fused read, at once, where
+        ``StackedSlots`` applies (else each layer prepares its own in its hook)."""
+        if self._stacked is None or not self._stacked.applies() or call.memory.shape[0] != batch:
+            return
+        layers = self.controller.layers
+        call.site_gates = list(torch.tanh(torch.stack([m.base_gate for m in layers])).unbind(0))
+        adapters = layers[0].read_k is not None
+        call.site_slots = self._stacked.prepare(
+            call.memory, call.log_usage, torch.stack([m.sink for m in layers]), self._hidden_dtype(),
+            [m.read_k for m in layers] if adapters else None, [m.read_v for m in layers] if adapters else None,
+            call.rope)
+
     def _log_usage(self, state: MemoryState) -> torch.Tensor | None:
         return log_usage(state.usage) if self._base_reads is not None else None
 
@@ -406,6 +430,7 @@ class MemoryModel(MemoryWrapper):
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
         self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
                            log_usage=self._log_usage(state), rope=None)
+        self._prepare_site(self._call, input_ids.shape[0])
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)
         finally:

@@ -100,14 +100,17 @@ class BaseAttentionRead:
             cache[full_key] = out
         return out
 
-    def _cos_signed_sin(self, like: torch.Tensor, positions: torch.Tensor, cache: dict | None, key: tuple
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_cos_sin`` with the sine's first half negated: ``rotate_half(x) * sin == roll(x) * signed_sin``,
-        two kernels fewer than the rotate-half form."""
+    def _cos_signed_sin(self, like: torch.Tensor, positions: torch.Tensor | None, cache: dict | None, key: tuple,
+                        offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_cos_sin`` for ``positions + offset`` (None: ``0..N-1``, N = ``like``'s second-last size) with the
+        sine's first half negated: ``rotate_half(x) * sin == roll(x) * signed_sin``, two kernels fewer than the
+        rotate-half form. Cached under ``key``: the positions are computed only on a miss."""
         full_key = (*key, "signed", self.layer_type, like.dtype)
         if cache is not None and full_key in cache:
             return cache[full_key]
-        cos, sin = self._cos_sin(like, positions, cache, key)
+        if positions is None:
+            positions = torch.arange(like.shape[-2], device=like.device)[None]
+        cos, sin = self._cos_sin(like, positions + offset if offset else positions, cache, key)
         half = sin.shape[-1] // 2
         out = (cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1))
         if cache is not None:
@@ -255,7 +258,7 @@ class BaseAttentionRead:
             k = self._norm(k, "k")
         k = k.transpose(1, 2)
         if self.rotary is not None:
-            cos, ssin = self._cos_signed_sin(k, torch.arange(s, device=slots.device)[None], cache, ("slots", s))
+            cos, ssin = self._cos_signed_sin(k, None, cache, ("slots", s))
             k = torch.addcmul(k * cos, k.roll(d // 2, dims=-1), ssin)
         zero = k.new_zeros(b, k.shape[1], 1, d)
         k = torch.cat([k, zero], dim=2)
@@ -265,9 +268,10 @@ class BaseAttentionRead:
 
     def fused_read(
         self, q: torch.Tensor, view: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        positions: torch.Tensor | None, gate: torch.Tensor, q_adapter: nn.Module | None = None, cache: dict | None = None,
+        positions: torch.Tensor | None, q_adapter: nn.Module | None = None, cache: dict | None = None,
     ) -> torch.Tensor:
-        """``in_attention``'s read (B, T, n*d) from ``prepare_slots``' keys, values and mask (no statistics)."""
+        """``in_attention``'s read before its gate, (B, n, T, d) as SDPA returns it (``add_read`` gates it into
+        the attention output), from ``prepare_slots``' keys, values and mask (no statistics)."""
         b, t, _ = q.shape
         d = self.head_dim
         if q_adapter is not None:
@@ -277,14 +281,117 @@ class BaseAttentionRead:
             q = self._norm(q, "q")
         q = q.transpose(1, 2)
         k, v, mask = prepared
+        if k.dtype != q.dtype:  # autocast made q another dtype
+            k, v, mask = k.to(q.dtype), v.to(q.dtype), mask.to(q.dtype)
+        if k.shape[0] != b:  # generate() expanded the batch (beams, samples)
+            r = b // k.shape[0]
+            k, v, mask = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
         if self.rotary is not None:
-            if positions is None:
-                positions = torch.arange(t, device=q.device)[None]
-            cos, ssin = self._cos_signed_sin(q, positions + (k.shape[2] - 1), cache, ("queries", k.shape[2] - 1))
+            s = k.shape[2] - 1
+            cos, ssin = self._cos_signed_sin(q, positions, cache, ("queries", s), offset=s)
             q = torch.addcmul(q * cos, q.roll(d // 2, dims=-1), ssin)
-        read = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
-        return read.transpose(1, 2).reshape(b, t, -1) * torch.tanh(gate).to(read.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
 
+
+def add_read(x: torch.Tensor, read: torch.Tensor, tanh_gate: torch.Tensor) -> torch.Tensor:
+    """``x + tanh_gate * read`` in one kernel: x (B, T, n*d) the attention output before the o projection,
+    read (B, n, T, d) from ``fused_read``, tanh_gate (n*d,)."""
+    b, n, t, d = read.shape
+    if read.dtype != x.dtype:
+        read = read.to(x.dtype)
+    if tanh_gate.dtype != x.dtype:
+        tanh_gate = tanh_gate.to(x.dtype)
+    return torch.addcmul(x.reshape(b, t, n, d), read.transpose(1, 2), tanh_gate.view(n, d)).view(b, t, n * d)
+
+
+class StackedSlots:
+    """``prepare_slots`` of every memory layer at once, a few kernels a segment instead of ~16 a layer: the
+    next layers' k and v projections stacked into one batched matmul each, one k-norm, one RoPE, one sink row
+    and mask. Applies where every read is fused and its k/v projections are plain ``nn.Linear`` (a LoRA or a
+    4-bit layer takes the per-layer ``prepare_slots``; merge a LoRA for reading speed)."""
+
+    def __init__(self, reads: list[BaseAttentionRead]) -> None:
+        self.reads = reads
+        self._cache: dict[tuple, dict[str, torch.Tensor | None]] = {}
+
+    def applies(self) -> bool:
+        r0 = self.reads[0]
+        return all(
+            r.fusable and type(r.attn.k_proj) is nn.Linear and type(r.attn.v_proj) is nn.Linear
+            and (r.k_norm is None) == (r0.k_norm is None) and (r.k_norm is None or r._k_fold is not None)
+            and r.head_dim == r0.head_dim and r.attn.k_proj.weight.shape == r0.attn.k_proj.weight.shape
+            and (r.attn.k_proj.bias is None) == (r0.attn.k_proj.bias is None)
+            and (r.attn.v_proj.bias is None) == (r0.attn.v_proj.bias is None)
+            and (r.rotary is None) == (r0.rotary is None)
+            for r in self.reads)
+
+    def _weights(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor | None]:
+        # The base is frozen while attached: its stacked weights are cached per dtype and device, keyed also by
+        # the weights' identity (a module swapped in later is seen).
+        key = (dtype, device, tuple(id(r.attn.k_proj.weight) for r in self.reads))
+        if key not in self._cache:
+            def stack(get) -> torch.Tensor | None:
+                ts = [get(r) for r in self.reads]
+                return None if ts[0] is None else torch.stack([t.detach() for t in ts]).to(device, dtype)
+
+            with torch.no_grad():
+                self._cache = {key: {
+                    "wk": stack(lambda r: r.attn.k_proj.weight.t()), "wv": stack(lambda r: r.attn.v_proj.weight.t()),
+                    "bk": stack(lambda r: r.attn.k_proj.bias), "bv": stack(lambda r: r.attn.v_proj.bias),
+                    "gk": None if self.reads[0].k_norm is None else torch.stack(
+                        [r._k_fold[0] for r in self.reads]).to(device, torch.float32)[:, None, None, None, :],
+                }}
+        return self._cache[key]
+
+    def prepare(
+        self, memory: torch.Tensor, log_usage: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype,
+        k_adapters: list[nn.Module] | None = None, v_adapters: list[nn.Module] | None = None, cache: dict | None = None,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """memory (B, L, S, H), log_usage (B, L, S), sinks (L,) -> per layer ``prepare_slots``' (k, v, mask)."""
+        b, n_layers, s, h = memory.shape
+        r0 = self.reads[0]
+        d = r0.head_dim
+        w = self._weights(dtype, memory.device)
+        x = memory.transpose(0, 1).to(dtype).reshape(n_layers, b * s, h)  # (L, B*S, H)
+
+        def adapted(adapters: list[nn.Module] | None) -> torch.Tensor:
+            if adapters is None:
+                return x
+            down = torch.stack([a.down.weight for a in adapters]).transpose(1, 2)  # (L, H, r)
+            up = torch.stack([a.up.weight for a in adapters]).transpose(1, 2)  # (L, r, H)
+            return x + ((x.to(down.dtype) @ down) @ up).to(dtype)
+
+        k = adapted(k_adapters) @ w["wk"]
+        v = adapted(v_adapters) @ w["wv"]
+        if w["bk"] is not None:
+            k = k + w["bk"][:, None, :]
+        if w["bv"] is not None:
+            v = v + w["bv"][:, None, :]
+        k = k.view(n_layers, b, s, -1, d)
+        v = v.view(n_layers, b, s, -1, d)
+        if w["gk"] is not None:
+            k = (F.rms_norm(k.float(), (d,), eps=r0._k_fold[1]) * w["gk"]).to(dtype)
+        k, v = k.transpose(2, 3), v.transpose(2, 3)  # (L, B, g, S, d)
+        if r0.rotary is not None:
+            cos, ssin = self._tables(k, s, cache)
+            k = torch.addcmul(k * cos, k.roll(d // 2, dims=-1), ssin)
+        zero = k.new_zeros(n_layers, b, k.shape[2], 1, d)
+        k = torch.cat([k, zero], dim=3)
+        v = torch.cat([v, zero], dim=3)
+        mask = torch.cat([log_usage.transpose(0, 1).to(dtype), sinks.to(dtype)[:, None, None].expand(n_layers, b, 1)], 2)
+        return list(zip(k.unbind(0), v.unbind(0), mask[:, :, None, None, :].unbind(0)))
+
+    def _tables(self, like: torch.Tensor, s: int, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots' rotary tables of every layer (L, 1, 1, S, d): one per layer type, stacked."""
+        key = ("stacked_slots", s, like.dtype)
+        if cache is not None and key in cache:
+            return cache[key]
+        positions = torch.arange(s, device=like.device)[None]
+        per = [r._cos_signed_sin(like[0], positions, cache, ("slots", s)) for r in self.reads]
+        out = (torch.stack([c for c, _ in per]), torch.stack([t for _, t in per]))
+        if cache is not None:
+            cache[key] = out
+        return out
 
 
 def log_usage(usage: torch.Tensor) -> torch.Tensor:
