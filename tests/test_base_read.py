@@ -28,23 +28,28 @@ def _open_gates(mm: MemoryModel, value: float = 1.0) -> None:
             layer.base_gate.fill_(value)
 
 
+def _layer_read(s: int = 5, t: int = 7):
+    """A tiny Gemma 3's layer 1, its ``BaseAttentionRead`` and random slots (2, s, H) and segment view (2, t, H)."""
+    torch.manual_seed(0)
+    base = tiny_gemma3(layers=4).float()
+    layer = base.model.layers[1]
+    hidden = base.config.hidden_size
+    return layer, BaseAttentionRead(layer, find_rotary(base)), torch.randn(2, s, hidden), torch.randn(2, t, hidden)
+
+
 def test_the_read_is_the_next_layers_own_attention_over_the_slots():
     """With a shut sink and equal usage, the read is what layer i+1's attention (its projections,
     norms, RoPE with the slots just before the segment, its output norm) gives when the segment may
     attend to the slots alone."""
-    torch.manual_seed(0)
-    base = tiny_gemma3(layers=4).float()
-    layer = base.model.layers[1]
-    read = BaseAttentionRead(layer, find_rotary(base))
-    s, t, hidden = 5, 7, base.config.hidden_size
-    slots, view = torch.randn(2, s, hidden), torch.randn(2, t, hidden)
+    layer, read, slots, view = _layer_read()
+    s, t, hidden = slots.shape[1], view.shape[1], slots.shape[2]
     gate = torch.full((hidden,), 30.0)  # tanh = 1
     got, stats = read(view, slots, torch.zeros(2, s), None, gate, torch.tensor(-1e9), return_stats=True)
     assert torch.allclose(stats["read_sink"], torch.zeros(2), atol=1e-6) and torch.allclose(stats["output_gate"], torch.ones(2))
 
     x = torch.cat([slots, view], 1)
     pos = torch.arange(s + t)[None]
-    cos, sin = base.model.rotary_emb(x, pos, layer.self_attn.layer_type)
+    cos, sin = read.rotary(x, pos, layer.self_attn.layer_type)  # the base's rotary module
     mask = torch.full((1, 1, s + t, s + t), float("-inf"))
     mask[..., :s] = 0.0
     out, _ = layer.self_attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask)
@@ -56,12 +61,8 @@ def test_the_read_inside_the_attention_is_the_residual_reads_before_its_o_projec
     """``in_attention`` takes the q projection the layer computed and gives the read before the o
     projection: through the o projection and the output norm, the residual site's read (whose
     equality to the layer's own attention over the slots is tested above)."""
-    torch.manual_seed(0)
-    base = tiny_gemma3(layers=4).float()
-    layer = base.model.layers[1]
-    read = BaseAttentionRead(layer, find_rotary(base))
-    s, t, hidden = 5, 7, base.config.hidden_size
-    slots, view = torch.randn(2, s, hidden), torch.randn(2, t, hidden)
+    layer, read, slots, view = _layer_read()
+    s, t, hidden = slots.shape[1], view.shape[1], slots.shape[2]
     usage, sink = torch.randn(2, s), torch.tensor(0.3)
     want, _ = read(view, slots, usage, None, torch.full((hidden,), 30.0), sink)
     kv = read.slot_keys_values(slots, view.dtype)

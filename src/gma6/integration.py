@@ -135,6 +135,12 @@ def find_reading_norms(model: nn.Module, layer_ids: list[int]) -> list[nn.Module
     return [input_norm(layers[i + 1]) if i + 1 < len(layers) else final_norm() for i in layer_ids]
 
 
+def norm_eps(norm: nn.Module) -> float | None:
+    """The epsilon of a norm module (``eps`` in Gemma's and torch's, ``variance_epsilon`` in Llama's), if any."""
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    return eps if isinstance(eps, float) else None
+
+
 @torch.no_grad()
 def rms_gain(norm: nn.Module, hidden_size: int) -> torch.Tensor | None:
     """``g`` (fp32, (H,)) if ``norm(x) == x / rms(x) * g`` for every ``x`` (an RMSNorm of any

@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import GMA6Config
-from .integration import LayerHooks, find_decoder_layers, find_reading_norms, rms_gain
+from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
 from .memory.attention import read_dtype
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, find_rotary, log_usage
@@ -90,7 +90,7 @@ class MemoryModel(MemoryWrapper):
             self._reading_gains = [None if n is None else rms_gain(n, self.config.hidden_size) for n in self._reading_norms]
             self._gain_cache: dict[tuple, torch.Tensor] = {}
             # read_rule="base": the eps of each reading norm that folds into one fused rms_norm (None: call it)
-            self._fold_eps = [getattr(n, "eps", getattr(n, "variance_epsilon", None)) if g is not None else None
+            self._fold_eps = [norm_eps(n) if g is not None else None
                               for n, g in zip(self._reading_norms, self._reading_gains)]
             # A plain list again (the base's modules are not the adapter's): whether each checkpoints.
             self._hooked_layers = [decoder_layers[i] for i in self.config.layers]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..integration import rms_gain
+from ..integration import norm_eps, rms_gain
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -70,8 +70,8 @@ class BaseAttentionRead:
     def _fold(self, norm: nn.Module | None) -> tuple[torch.Tensor, float] | None:
         if norm is None:
             return None
-        eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
-        gain = rms_gain(norm, self.head_dim) if isinstance(eps, float) else None
+        eps = norm_eps(norm)
+        gain = rms_gain(norm, self.head_dim) if eps is not None else None
         return None if gain is None else (gain, eps)
 
     def _norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
@@ -125,19 +125,26 @@ class BaseAttentionRead:
         cos, sin = self._cos_sin(x, positions, cache, key)
         return x * cos + _rotate_half(x) * sin
 
+    def _project_slots(
+        self, slots: torch.Tensor, dtype: torch.dtype, k_adapter: nn.Module | None, v_adapter: nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slots (B, S, H) through this layer's k and v projections (each input first changed by the
+        memory's adapter, if any): (B, S, g, d) each, not yet normed or rotated."""
+        attn, d = self.attn, self.head_dim
+        b, s, _ = slots.shape
+        slots = slots.to(dtype)
+        k_in = slots if k_adapter is None else slots + k_adapter(slots)
+        v_in = slots if v_adapter is None else slots + v_adapter(slots)
+        return attn.k_proj(k_in).view(b, s, -1, d), attn.v_proj(v_in).view(b, s, -1, d)
+
     def slot_keys_values(
         self, slots: torch.Tensor, dtype: torch.dtype, k_adapter: nn.Module | None = None, cache: dict | None = None,
         v_adapter: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots (B, S, H) as this layer's keys and values, each (B, n, S, d): projected, k-normed,
         keys rotated for positions ``0..S-1`` and both repeated over the query groups."""
-        attn, d = self.attn, self.head_dim
-        b, s, _ = slots.shape
-        slots = slots.to(dtype)
-        k_in = slots if k_adapter is None else slots + k_adapter(slots)
-        k = attn.k_proj(k_in).view(b, s, -1, d).transpose(1, 2)  # (B, g, S, d)
-        v_in = slots if v_adapter is None else slots + v_adapter(slots)
-        v = attn.v_proj(v_in).view(b, s, -1, d).transpose(1, 2)
+        s = slots.shape[1]
+        k, v = (x.transpose(1, 2) for x in self._project_slots(slots, dtype, k_adapter, v_adapter))  # (B, g, S, d)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = self._rope(k, torch.arange(s, device=slots.device)[None], cache, ("slots", s))
@@ -247,13 +254,9 @@ class BaseAttentionRead:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values (B, g, S + 1, d) (not repeated over the query groups) and the additive mask
         (B, 1, 1, S + 1) of ``fused_read``: the slots as ``slot_keys_values`` makes them, then the sink row."""
-        attn, d = self.attn, self.head_dim
+        d = self.head_dim
         b, s, _ = slots.shape
-        slots = slots.to(dtype)
-        k_in = slots if k_adapter is None else slots + k_adapter(slots)
-        v_in = slots if v_adapter is None else slots + v_adapter(slots)
-        k = attn.k_proj(k_in).view(b, s, -1, d)
-        v = attn.v_proj(v_in).view(b, s, -1, d)
+        k, v = self._project_slots(slots, dtype, k_adapter, v_adapter)
         if self.k_norm is not None:
             k = self._norm(k, "k")
         k = k.transpose(1, 2)
