@@ -28,7 +28,8 @@ def main() -> None:
     cfg = dataclasses.replace(gma6.GMA6Config.load(args.adapter), lora_rank=0)
     mm = gma6.attach_memory(base, cfg)
     r0 = mm._base_reads[0]
-    print("applies", mm._stacked.applies())
+    print("applies", mm._stacked.applies(), "sites", mm._sites is not None, "implementation",
+          base.config._attn_implementation, "torch", torch.__version__)
     for i, r in enumerate(mm._base_reads[:3]):
         print(i, "k_proj", type(r.attn.k_proj).__name__, "fusable", r.fusable, "q_fold", r._q_fold is not None,
               "k_fold", r._k_fold is not None, "k_norm", type(r.k_norm).__name__,

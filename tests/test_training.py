@@ -347,3 +347,30 @@ def test_selection_supervision_teaches_the_write_which_tokens_are_facts(tmp_path
         train(fresh(), TOK, small_cfg(select_weight=1.0), tmp_path / "slots", progress=False)
     with pytest.raises(ValueError, match="select_weight"):
         small_cfg(select_weight=1.0, in_context=True, lora_rank=2)
+
+
+def _poison(mm, at_calls):
+    """Make the first memory parameter's gradient NaN at the given backward calls (1-based; None: always)."""
+    calls = [0]
+    p = next(mm.controller.parameters())
+
+    def hook(g):
+        calls[0] += 1
+        return g * float("nan") if at_calls is None or calls[0] in at_calls else g
+
+    p.register_hook(hook)
+
+
+def test_a_non_finite_gradient_skips_its_update_and_a_run_of_them_stops(tmp_path):
+    cfg = small_cfg(curriculum=[1], steps_per_stage=6)
+    mm = fresh()
+    _poison(mm, {3})
+    train(mm, TOK, cfg, tmp_path / "once", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "once" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped_steps", 0) for r in rows] == [0, 0, 1, 0, 0, 0]
+    assert all(torch.isfinite(p).all() for p in mm.controller.parameters())
+    assert all(r["loss"] == r["loss"] for r in rows)  # no NaN loss after the bad step
+    mm = fresh()
+    _poison(mm, None)
+    with pytest.raises(FloatingPointError, match="not finite at 10 steps in a row"):
+        train(mm, TOK, small_cfg(curriculum=[1], steps_per_stage=20), tmp_path / "always", progress=False)

@@ -19,7 +19,8 @@ from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
 from .memory.attention import read_dtype
-from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, find_rotary, log_usage
+from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage
+from .site import AttentionSites, supported
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
 
@@ -76,6 +77,10 @@ class MemoryModel(MemoryWrapper):
         self._site_read: dict[int, torch.Tensor] = {}
         self._site_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._stacked: StackedSlots | None = None
+        # read_site="attention" where the base's attention function can carry it (site.py): the read takes the
+        # base's own post-RoPE queries; the q/o projection hooks then serve only the statistics' explicit read
+        self._sites: AttentionSites | None = None
+        self._site_pending: set[int] = set()
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -107,6 +112,10 @@ class MemoryModel(MemoryWrapper):
                     self._site_hooks.append(nxt.self_attn.register_forward_pre_hook(self._make_site_enter(slot), with_kwargs=True))
                     self._site_hooks.append(nxt.self_attn.q_proj.register_forward_hook(self._make_site_query(slot)))
                     self._site_hooks.append(nxt.self_attn.o_proj.register_forward_pre_hook(self._make_site_output(slot)))
+                attns = [decoder_layers[i + 1].self_attn for i in self.config.layers]
+                if (self.config.read_rank == 0 and all(r.fusable for r in self._base_reads)
+                        and all(supported(getattr(getattr(a, "config", None), "_attn_implementation", None)) for a in attns)):
+                    self._sites = AttentionSites({a: self._make_site_rotated(slot) for slot, a in enumerate(attns)})
         except BaseException:
             self.detach()
             raise
@@ -159,9 +168,13 @@ class MemoryModel(MemoryWrapper):
     def _make_site_enter(self, slot: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             self._site_read.pop(slot, None)  # never a read left from a forward that failed
+            self._site_pending.discard(slot)
             call = kwargs.get(_CALL_KWARG) or self._call
             if call is None or self._disabled:
                 self._site.pop(slot, None)
+            elif self._sites is not None and not call.return_stats:  # the attention function reads (_make_site_rotated)
+                self._site.pop(slot, None)
+                self._site_pending.add(slot)
             else:
                 self._site[slot] = (call, kwargs.get("position_ids"))
 
@@ -204,8 +217,38 @@ class MemoryModel(MemoryWrapper):
 
         return hook
 
+    def _make_site_rotated(self, slot: int):
+        """The read as the attention function's site: from the base's queries after its q-norm and RoPE."""
+        def site(query: torch.Tensor, out: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+            call = kwargs.get(_CALL_KWARG) or self._call
+            if call is None or self._disabled or call.return_stats:
+                return out
+            self._site_pending.discard(slot)
+            layer, read = self.controller.layers[slot], self._base_reads[slot]
+            slots = call.site_slots[slot] if call.site_slots is not None else None
+            if slots is None and call.site_kv is not None:
+                slots = call.site_kv.get((slot, "rotated"))
+            if slots is None:
+                memory, bias = call.memory[:, slot], call.log_usage[:, slot]
+                if memory.shape[0] != query.shape[0]:  # generate() expanded the batch (beams, samples)
+                    r = query.shape[0] // memory.shape[0]
+                    memory, bias = memory.repeat_interleave(r, dim=0), bias.repeat_interleave(r, dim=0)
+                slots = read.prepare_slots(memory, bias, layer.sink, query.dtype, layer.read_k, layer.read_v, call.rope,
+                                           rotated=True)
+                if call.site_kv is not None and not torch.is_grad_enabled():  # as in _make_site_query
+                    call.site_kv[(slot, "rotated")] = slots
+            gate = call.site_gates[slot] if call.site_gates is not None else torch.tanh(layer.base_gate)
+            return add_read_heads(out, read.read_rotated(query, slots), gate)
+
+        return site
+
     def _make_site_output(self, slot: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
+            if slot in self._site_pending:  # never a silent memory-less answer
+                self._site_pending.discard(slot)
+                raise RuntimeError(
+                    "gma6: the memory read did not run in the attention call: the base's attention implementation was "
+                    "changed after attach_memory (detach and attach again)")
             delta = self._site_read.pop(slot, None)
             if delta is None or not args:
                 return None
@@ -410,7 +453,7 @@ class MemoryModel(MemoryWrapper):
         call.site_slots = self._stacked.prepare(
             call.memory, call.log_usage, torch.stack([m.sink for m in layers]), self._hidden_dtype(),
             [m.read_k for m in layers] if adapters else None, [m.read_v for m in layers] if adapters else None,
-            call.rope)
+            call.rope, rotated=self._sites is not None)
 
     def _log_usage(self, state: MemoryState) -> torch.Tensor | None:
         return log_usage(state.usage) if self._base_reads is not None else None
@@ -445,6 +488,10 @@ class MemoryModel(MemoryWrapper):
             for handle in [*getattr(self, "_norm_hooks", ()), *getattr(self, "_site_hooks", ())]:
                 handle.remove()
             self._norm_hooks, self._site_hooks = [], []
+            if getattr(self, "_sites", None) is not None:
+                self._sites.remove()
+                self._sites = None
+            getattr(self, "_site_pending", set()).clear()
             getattr(self, "_site", {}).clear()
             getattr(self, "_site_read", {}).clear()
 

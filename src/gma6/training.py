@@ -34,6 +34,10 @@ CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 
 
+# consecutive non-finite gradients after which training stops instead of skipping another update
+MAX_SKIPPED_IN_A_ROW = 10
+
+
 @dataclass
 class TrainConfig:
     """What ``train`` does. Validated on construction.
@@ -450,6 +454,7 @@ def train(
 
     bar = tqdm(total=last, initial=step, desc="training", disable=not progress)
     record: dict[str, Any] = {}
+    skipped = run_of_skips = 0
     t0, tokens = time.perf_counter(), 0
     model.train()
     if num_workers:
@@ -479,7 +484,18 @@ def train(
             total = total + cfg.select_weight * select
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        opt.step()
+        # A non-finite gradient (an overflow in one batch) would make every weight NaN for good: skip that
+        # update, as a loss scaler does, and stop when it keeps happening. One host sync a step.
+        if bool(torch.isfinite(gnorm)):
+            opt.step()
+            run_of_skips = 0
+        else:
+            skipped += 1
+            run_of_skips += 1
+            if run_of_skips >= MAX_SKIPPED_IN_A_ROW:
+                raise FloatingPointError(
+                    f"step {step + 1}: the gradient was not finite at {run_of_skips} steps in a row (loss "
+                    f"{float(total.detach())}); the last checkpoint in {ckpt} holds the weights before them")
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -495,6 +511,8 @@ def train(
                       "write_select": round(float(select.detach()), 5) if select is not None else None,
                       "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
+            if skipped:  # updates skipped for a non-finite gradient since the last record
+                record["skipped_steps"], skipped = skipped, 0
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=record["loss"], acc=record["acc"], seg=record["segments"])

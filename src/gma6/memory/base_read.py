@@ -251,9 +251,11 @@ class BaseAttentionRead:
     def prepare_slots(
         self, slots: torch.Tensor, log_usage: torch.Tensor, sink: torch.Tensor, dtype: torch.dtype,
         k_adapter: nn.Module | None = None, v_adapter: nn.Module | None = None, cache: dict | None = None,
+        rotated: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values (B, g, S + 1, d) (not repeated over the query groups) and the additive mask
-        (B, 1, 1, S + 1) of ``fused_read``: the slots as ``slot_keys_values`` makes them, then the sink row."""
+        (B, 1, 1, S + 1) of ``fused_read``: the slots as ``slot_keys_values`` makes them, then the sink row.
+        ``rotated``: for ``read_rotated`` (the slots' keys at positions -S..-1, the queries at their own)."""
         d = self.head_dim
         b, s, _ = slots.shape
         k, v = self._project_slots(slots, dtype, k_adapter, v_adapter)
@@ -261,7 +263,7 @@ class BaseAttentionRead:
             k = self._norm(k, "k")
         k = k.transpose(1, 2)
         if self.rotary is not None:
-            cos, ssin = self._cos_signed_sin(k, None, cache, ("slots", s))
+            cos, ssin = self._cos_signed_sin(k, None, cache, ("slots", s, rotated), offset=-s if rotated else 0)
             k = torch.addcmul(k * cos, k.roll(d // 2, dims=-1), ssin)
         zero = k.new_zeros(b, k.shape[1], 1, d)
         k = torch.cat([k, zero], dim=2)
@@ -294,6 +296,30 @@ class BaseAttentionRead:
             cos, ssin = self._cos_signed_sin(q, positions, cache, ("queries", s), offset=s)
             q = torch.addcmul(q * cos, q.roll(d // 2, dims=-1), ssin)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+
+    def read_rotated(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``fused_read`` from the base's own queries q (B, n, T, d), after its q-norm and RoPE at the tokens'
+        positions p, and ``prepare_slots(rotated=True)``: RoPE scores depend on positions only through their
+        difference, so slots at -S..-1 against queries at p equal slots at 0..S-1 against queries at p + S."""
+        k, v, mask = prepared
+        b = q.shape[0]
+        if k.dtype != q.dtype:  # autocast made q another dtype
+            k, v, mask = k.to(q.dtype), v.to(q.dtype), mask.to(q.dtype)
+        if k.shape[0] != b:  # generate() expanded the batch (beams, samples)
+            r = b // k.shape[0]
+            k, v, mask = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+
+
+def add_read_heads(out: torch.Tensor, read: torch.Tensor, tanh_gate: torch.Tensor) -> torch.Tensor:
+    """``out + tanh_gate * read`` in one kernel: out (B, T, n, d) as an attention function returns it, read
+    (B, n, T, d), tanh_gate (n*d,)."""
+    n, d = out.shape[-2:]
+    if read.dtype != out.dtype:
+        read = read.to(out.dtype)
+    if tanh_gate.dtype != out.dtype:
+        tanh_gate = tanh_gate.to(out.dtype)
+    return torch.addcmul(out, read.transpose(1, 2), tanh_gate.view(n, d))
 
 
 def add_read(x: torch.Tensor, read: torch.Tensor, tanh_gate: torch.Tensor) -> torch.Tensor:
@@ -349,6 +375,7 @@ class StackedSlots:
     def prepare(
         self, memory: torch.Tensor, log_usage: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype,
         k_adapters: list[nn.Module] | None = None, v_adapters: list[nn.Module] | None = None, cache: dict | None = None,
+        rotated: bool = False,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """memory (B, L, S, H), log_usage (B, L, S), sinks (L,) -> per layer ``prepare_slots``' (k, v, mask)."""
         b, n_layers, s, h = memory.shape
@@ -376,7 +403,7 @@ class StackedSlots:
             k = (F.rms_norm(k.float(), (d,), eps=r0._k_fold[1]) * w["gk"]).to(dtype)
         k, v = k.transpose(2, 3), v.transpose(2, 3)  # (L, B, g, S, d)
         if r0.rotary is not None:
-            cos, ssin = self._tables(k, s, cache)
+            cos, ssin = self._tables(k, s, cache, rotated)
             k = torch.addcmul(k * cos, k.roll(d // 2, dims=-1), ssin)
         zero = k.new_zeros(n_layers, b, k.shape[2], 1, d)
         k = torch.cat([k, zero], dim=3)
@@ -384,13 +411,13 @@ class StackedSlots:
         mask = torch.cat([log_usage.transpose(0, 1).to(dtype), sinks.to(dtype)[:, None, None].expand(n_layers, b, 1)], 2)
         return list(zip(k.unbind(0), v.unbind(0), mask[:, :, None, None, :].unbind(0)))
 
-    def _tables(self, like: torch.Tensor, s: int, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _tables(self, like: torch.Tensor, s: int, cache: dict | None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The slots' rotary tables of every layer (L, 1, 1, S, d): one per layer type, stacked."""
-        key = ("stacked_slots", s, like.dtype)
+        key = ("stacked_slots", s, rotated, like.dtype)
         if cache is not None and key in cache:
             return cache[key]
-        positions = torch.arange(s, device=like.device)[None]
-        per = [r._cos_signed_sin(like[0], positions, cache, ("slots", s)) for r in self.reads]
+        positions = torch.arange(-s if rotated else 0, 0 if rotated else s, device=like.device)[None]
+        per = [r._cos_signed_sin(like[0], positions, cache, ("slots", s, rotated)) for r in self.reads]
         out = (torch.stack([c for c, _ in per]), torch.stack([t for _, t in per]))
         if cache is not None:
             cache[key] = out

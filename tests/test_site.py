@@ -1,0 +1,124 @@
+"""site.py: the attention-site read carried by the base's own attention function (its post-RoPE queries)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import perturb, tiny_gemma3
+
+from gma6 import GMA6Config
+from gma6.integration import hook_count
+from gma6.model import attach_memory
+from gma6.site import AttentionSites, supported
+
+
+def _config(**kw) -> GMA6Config:
+    args = dict(num_slots=6, memory_dim=None, layers=[0, 1, 2], write_rule="tokens", tokens_per_segment=3,
+                read_rule="base", token_retention="priority", usage_decay=0.99, read_site="attention")
+    args.update(kw)
+    return GMA6Config(**args)
+
+
+def _trained(base, **kw):
+    torch.manual_seed(5)  # the memory's initial weights too: models compared get the same
+    mm = attach_memory(base, _config(**kw))
+    perturb(mm)
+    return mm
+
+
+def _two_segments(mm, ids):
+    state = mm(input_ids=ids[:, :8]).memory_state
+    return mm(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+
+
+def test_the_read_takes_the_bases_queries_and_equals_the_hooks_read():
+    """SDPA base: the attention function reads (no q-norm or RoPE of its own); an eager base (which cannot
+    carry it) reads through the q/o projection hooks; the logits agree, and differ from the bare base's."""
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(0))
+    sdpa = tiny_gemma3(layers=4).float()
+    eager = tiny_gemma3(layers=4).float()
+    eager.config._attn_implementation = "eager"
+    bare = sdpa(input_ids=ids[:, 8:]).logits
+    a, b = _trained(sdpa), _trained(eager)
+    assert a._sites is not None and b._sites is None
+    attns = [sdpa.model.layers[i + 1].self_attn for i in (0, 1, 2)]
+    assert all(AttentionSites.active(m) for m in attns) and sdpa.config._attn_implementation == "gma6_sdpa"
+    with torch.no_grad():
+        got, want = _two_segments(a, ids), _two_segments(b, ids)
+        # return_stats takes the explicit read through the hooks on the same model
+        state = a(input_ids=ids[:, :8]).memory_state
+        explicit = a(input_ids=ids[:, 8:], memory_state=state, write=False, return_stats=True).logits
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got, explicit, atol=1e-5)
+    assert (got - bare).abs().max() > 1e-3
+
+
+def test_detach_gives_the_attention_implementation_back():
+    base = tiny_gemma3(layers=4)
+    ids = torch.randint(3, 64, (1, 9))
+    ref = base(input_ids=ids).logits
+    mm = _trained(base)
+    mm(input_ids=ids)
+    mm.detach()
+    assert base.config._attn_implementation == "sdpa" and hook_count(base) == 0
+    assert not any(hasattr(m, "_gma6_site") for m in base.modules())
+    assert torch.equal(base(input_ids=ids).logits, ref)
+
+
+def test_an_implementation_changed_after_attach_is_an_error_not_a_silent_bare_answer():
+    base = tiny_gemma3(layers=4)
+    mm = _trained(base)
+    base.config._attn_implementation = "sdpa"  # what set_attn_implementation would do
+    with pytest.raises(RuntimeError, match="attention implementation was changed"):
+        mm(input_ids=torch.randint(3, 64, (1, 9)))
+    base.config._attn_implementation = "gma6_sdpa"
+    mm(input_ids=torch.randint(3, 64, (1, 9)))  # and it reads again once restored
+
+
+def test_a_read_with_its_own_query_adapter_keeps_the_hooks():
+    """read_rank adapts the read's queries before the q-norm: the base's finished queries cannot serve."""
+    base = tiny_gemma3(layers=4)
+    mm = _trained(base, read_rank=2)
+    assert mm._sites is None and base.config._attn_implementation == "sdpa"
+
+
+def test_gradients_and_checkpointing_through_the_attention_function():
+    """Memory gradients equal with and without the base's gradient checkpointing (the site runs again in
+    the recomputation), and equal the hook path's."""
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads = []
+    for impl, ckpt in (("sdpa", False), ("sdpa", True), ("eager", False)):
+        base = tiny_gemma3(layers=4).float()
+        base.config._attn_implementation = impl
+        mm = _trained(base, gradient_checkpointing=ckpt)
+        mm.train()
+        state = mm(input_ids=ids[:, :8]).memory_state
+        mm(input_ids=ids[:, 8:], memory_state=state, labels=ids[:, 8:]).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in mm.controller.parameters() if p.grad is not None]))
+        assert (mm._sites is not None) == (impl == "sdpa")
+    assert grads[0].abs().max() > 0
+    for g in grads[1:]:
+        assert torch.allclose(grads[0], g, atol=1e-5)
+
+
+def test_generate_reads_through_the_attention_function():
+    base = tiny_gemma3(layers=4)
+    ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    mm = _trained(base)
+    state = mm(input_ids=ids).memory_state
+    out = mm.generate(ids[:, :4], memory_state=state, max_new_tokens=5, do_sample=False)
+    bare = base.generate(ids[:, :4], attention_mask=torch.ones_like(ids[:, :4]), max_new_tokens=5, do_sample=False)
+    # one step at a time equals the greedy decode with the full forward each step
+    seq = ids[:, :4]
+    for _ in range(5):
+        logits = mm(input_ids=seq, memory_state=state, write=False).logits[:, -1]
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq) and not torch.equal(out, bare)
+
+
+def test_unsupported_implementations():
+    assert supported("sdpa") and not supported("eager") and not supported("gma6_sdpa") and not supported(None)
+    base = tiny_gemma3(layers=4)
+    base.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="cannot carry the read"):
+        AttentionSites({base.model.layers[1].self_attn: lambda q, o, k: o})
+    assert base.config._attn_implementation == "eager"
