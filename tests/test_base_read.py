@@ -141,6 +141,25 @@ def test_every_layers_slots_prepared_at_once_equal_each_layers_own(rank):
     assert not mm._stacked.applies()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("slots", [6, 7, 8])
+def test_every_layers_stacked_mask_starts_16_byte_aligned(dtype, slots):
+    """Each layer's mask is a view into one stacked tensor; CUDA's memory-efficient SDPA needs it aligned
+    (at batch 1 and 129 entries a row, every other layer's view was not: "misaligned address")."""
+    base = tiny_gemma3(layers=5).to(dtype)
+    mm = attach_memory(base, _config(layers=[0, 1, 2, 3], read_site="attention", num_slots=slots))
+    layers = mm.controller.layers
+    memory = torch.randn(1, 4, slots, base.config.hidden_size)
+    usage = torch.randn(1, 4, slots)
+    with torch.no_grad():
+        prepared = mm._stacked.prepare(memory, usage, torch.stack([m.sink for m in layers]), dtype, cache={})
+        for i, (read, m) in enumerate(zip(mm._base_reads, layers)):
+            k, v, mask = prepared[i]
+            assert mask.data_ptr() % 16 == 0 and mask.shape == (1, 1, 1, slots + 1)
+            want = read.prepare_slots(memory[:, i], usage[:, i], m.sink, dtype)[2]
+            assert torch.equal(mask, want)
+
+
 def test_the_attention_site_adds_its_read_before_the_next_layers_o_projection(tiny_model):
     """Memory layer 0's read enters layer 1's attention: layer 0's output is the bare one, and
     layer 1's o projection gets the bare input plus the gated read."""

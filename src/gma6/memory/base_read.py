@@ -408,7 +408,14 @@ class StackedSlots:
         zero = k.new_zeros(n_layers, b, k.shape[2], 1, d)
         k = torch.cat([k, zero], dim=3)
         v = torch.cat([v, zero], dim=3)
-        mask = torch.cat([log_usage.transpose(0, 1).to(dtype), sinks.to(dtype)[:, None, None].expand(n_layers, b, 1)], 2)
+        # Each layer's mask is a view into one tensor: its rows padded to a multiple of 8 entries, so every
+        # layer's view starts 16-byte aligned (CUDA's memory-efficient SDPA fails with "misaligned address"
+        # on a mask that does not, e.g. 129 entries a row at batch 1).
+        pad = -(s + 1) % 8
+        parts = [log_usage.transpose(0, 1).to(dtype), sinks.to(dtype)[:, None, None].expand(n_layers, b, 1)]
+        if pad:
+            parts.append(parts[1].expand(n_layers, b, pad))  # never read: sliced off below
+        mask = torch.cat(parts, 2)[..., : s + 1]
         return list(zip(k.unbind(0), v.unbind(0), mask[:, :, None, None, :].unbind(0)))
 
     def _tables(self, like: torch.Tensor, s: int, cache: dict | None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
