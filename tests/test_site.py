@@ -122,3 +122,30 @@ def test_unsupported_implementations():
     with pytest.raises(ValueError, match="cannot carry the read"):
         AttentionSites({base.model.layers[1].self_attn: lambda q, o, k: o})
     assert base.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2"])
+def test_other_families_read_through_their_attention_function(family):
+    """Llama, Qwen2 and Mistral (no q/k norms, their own RoPE tables) read through the attention function and agree
+    with the explicit read; Gemma 2's logit softcapping (which SDPA lacks) keeps the hooks."""
+    from test_families import _family
+
+    base = _family(family).float().eval()
+    if family != "gemma2":  # transformers' SDPA refuses Gemma 2's softcap; it keeps its default (eager)
+        base.config._attn_implementation = "sdpa"
+    impl = base.config._attn_implementation
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(5)
+    mm = attach_memory(base, _config(layers=[0, 1]))
+    perturb(mm)
+    try:
+        assert (mm._sites is not None) == (family != "gemma2")
+        with torch.no_grad():
+            state = mm(input_ids=ids[:, :8]).memory_state
+            fast = mm(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+            explicit = mm(input_ids=ids[:, 8:], memory_state=state, write=False, return_stats=True).logits
+            bare = base(input_ids=ids[:, 8:]).logits
+        assert torch.allclose(fast, explicit, atol=1e-5) and (fast - bare).abs().max() > 1e-4
+    finally:
+        mm.detach()
+    assert base.config._attn_implementation == impl and hook_count(base) == 0
