@@ -28,9 +28,10 @@ def _interfaces():
 
 
 def _wrap(inner: str) -> Callable:
+    functions, _ = _interfaces()  # transformers' registry: one object, looked up in at each call
+
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        functions, _ = _interfaces()
         out, weights = functions[inner](module, query, key, value, attention_mask, **kwargs)
         site = getattr(module, _ATTR, None)
         if site is not None:
