@@ -192,10 +192,7 @@ class MemoryModel(MemoryWrapper):
             if slots is None and call.site_kv is not None:
                 slots = call.site_kv.get((slot, fused))
             if slots is None:
-                memory, bias = call.memory[:, slot], call.log_usage[:, slot]
-                if memory.shape[0] != output.shape[0]:  # generate() expanded the batch (beams, samples)
-                    r = output.shape[0] // memory.shape[0]
-                    memory, bias = memory.repeat_interleave(r, dim=0), bias.repeat_interleave(r, dim=0)
+                memory, bias = self._slot_memory(call, slot, output.shape[0])
                 if fused:
                     slots = read.prepare_slots(memory, bias, layer.sink, output.dtype, layer.read_k, layer.read_v, call.rope)
                 else:
@@ -229,10 +226,7 @@ class MemoryModel(MemoryWrapper):
             if slots is None and call.site_kv is not None:
                 slots = call.site_kv.get((slot, "rotated"))
             if slots is None:
-                memory, bias = call.memory[:, slot], call.log_usage[:, slot]
-                if memory.shape[0] != query.shape[0]:  # generate() expanded the batch (beams, samples)
-                    r = query.shape[0] // memory.shape[0]
-                    memory, bias = memory.repeat_interleave(r, dim=0), bias.repeat_interleave(r, dim=0)
+                memory, bias = self._slot_memory(call, slot, query.shape[0])
                 slots = read.prepare_slots(memory, bias, layer.sink, query.dtype, layer.read_k, layer.read_v, call.rope,
                                            rotated=True)
                 if call.site_kv is not None and not torch.is_grad_enabled():  # as in _make_site_query
@@ -241,6 +235,16 @@ class MemoryModel(MemoryWrapper):
             return add_read_heads(out, read.read_rotated(query, slots), gate)
 
         return site
+
+    @staticmethod
+    def _slot_memory(call: _Call, slot: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One memory layer's slots and log-usage for a read of ``batch`` rows (generate() expands the batch for
+        beams and samples)."""
+        memory, bias = call.memory[:, slot], call.log_usage[:, slot]
+        if memory.shape[0] != batch:
+            r = batch // memory.shape[0]
+            memory, bias = memory.repeat_interleave(r, dim=0), bias.repeat_interleave(r, dim=0)
+        return memory, bias
 
     def _make_site_output(self, slot: int):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
@@ -448,10 +452,12 @@ class MemoryModel(MemoryWrapper):
         if self._stacked is None or not self._stacked.applies() or call.memory.shape[0] != batch:
             return
         layers = self.controller.layers
-        call.site_gates = list(torch.tanh(torch.stack([m.base_gate for m in layers])).unbind(0))
+        dtype = self._hidden_dtype()
+        # cast once here, not at each layer's add (the read adds in the base's dtype)
+        call.site_gates = list(torch.tanh(torch.stack([m.base_gate for m in layers])).to(dtype).unbind(0))
         adapters = layers[0].read_k is not None
         call.site_slots = self._stacked.prepare(
-            call.memory, call.log_usage, torch.stack([m.sink for m in layers]), self._hidden_dtype(),
+            call.memory, call.log_usage, torch.stack([m.sink for m in layers]), dtype,
             [m.read_k for m in layers] if adapters else None, [m.read_v for m in layers] if adapters else None,
             call.rope, rotated=self._sites is not None)
 

@@ -47,10 +47,7 @@ def supported(inner: str | None) -> bool:
     flex), not "eager", whose function is private to each modeling file."""
     if not isinstance(inner, str) or inner.startswith(_PREFIX):
         return False
-    try:
-        functions, masks = _interfaces()
-    except ImportError:
-        return False
+    functions, masks = _interfaces()
     return inner in functions.valid_keys() and inner in masks._global_mapping
 
 
