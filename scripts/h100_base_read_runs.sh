@@ -15,6 +15,7 @@ specs=(); names=()
 for spec in "$@"; do n=${spec%%=*}; specs+=("$n=$B5 ${spec#*=}"); names+=("$n"); done
 STEPS=${STEPS:-120} TRAIN_SECONDS=${TRAIN_SECONDS:-330} CURRICULUM=${CURRICULUM:-1,2,4} \
   bash scripts/h100_train_runs.sh "${specs[@]}"
+[ "${N:-100}" = 0 ] && exit 0  # N=0: train only (a later call on the same warm machine resumes or validates)
 for n in "${names[@]}"; do
   a=/tmp/runs/$n/adapter; [ -d $a ] || a=/tmp/runs/$n/checkpoint
   python3 scripts/validate_adapter.py --model $M --adapter $a --lengths ${LENGTHS:-1k,4k} --n ${N:-100} \
