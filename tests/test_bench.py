@@ -33,7 +33,7 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     result = run_bench(tiny_gemma3(), config, command="pytest", log=None)
     data = _check_result(result, tmp_path)
     ok = [r for r in data["rows"] if r["status"] == "ok"]
-    assert {r["system"] for r in ok} == set(SYSTEMS) | {"train_memory", "train_full"}
+    assert {r["system"] for r in ok} == set(SYSTEMS) | {"train_memory", "train_frozen", "train_full"}
     for r in ok:
         assert r["tokens_per_s"] > 0 and r["seconds"] > 0
         assert r["peak_mem_gib"] is None or r["peak_mem_gib"] > 0
@@ -127,7 +127,7 @@ def test_training_step_scored_at_a_few_positions(tmp_path, checkpointing):
                          train_context=32, train_segment=16, train_positions=4, train_checkpointing=checkpointing,
                          memory=SMALL)
     rows = [r for r in run_bench(base, config, command="pytest", log=None)["rows"] if r["system"].startswith("train_")]
-    assert [r["system"] for r in rows] == ["train_memory", "train_full"]
+    assert [r["system"] for r in rows] == ["train_memory", "train_frozen", "train_full"]
     assert all(r["status"] == "ok" and r["loss_positions"] == 4 and r["seconds"] > 0 for r in rows)
     assert all(r["gradient_checkpointing"] is checkpointing for r in rows)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())  # switched off again
@@ -168,3 +168,35 @@ def test_a_half_precision_full_fine_tune_keeps_fp32_master_weights_unless_told(m
     assert rows["train_memory"]["status"] == rows["train_full"]["status"] == "ok"
     assert rows["train_full"]["weights"] == ("fp32 master, autocast bfloat16" if master else "bfloat16")
     assert next(base.parameters()).dtype == (torch.float32 if master else torch.bfloat16)
+
+
+def test_the_frozen_floor_backpropagates_through_every_layer_and_leaves_the_base_alone():
+    from gma6.bench import run_frozen_floor
+    from gma6.model import split_segments
+
+    base = tiny_gemma3()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    reached = []
+    handle = base.model.layers[0].register_full_backward_hook(lambda m, gin, gout: reached.append(gout[0].abs().sum().item()))
+    ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), 16)
+    ran = []
+
+    def loss_of(model, seg_ids, seg_mask, **kw):
+        out = model(input_ids=seg_ids, attention_mask=seg_mask, labels=seg_ids, **kw)
+        return out.loss, out
+
+    def run(system, step, est):
+        ran.append(system)
+        step()
+
+    try:
+        run_frozen_floor(base, segs, loss_of, torch.device("cpu"), run)
+    finally:
+        handle.remove()
+    assert ran == ["train_frozen"]
+    assert len(reached) == len(segs) and all(g > 0 for g in reached)  # the backward reached the first layer
+    assert not base.get_input_embeddings()._forward_hooks
+    assert all(p.grad is None for p in base.parameters())  # no weight gradient was computed
+    assert all(p.requires_grad for p in base.parameters())  # the flags it was handed over with
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())

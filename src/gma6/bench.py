@@ -15,6 +15,11 @@ Systems, all in one process over the same random tokens:
     the memory's parameters only (backpropagated through the segments), against a full
     fine-tune of every base parameter (AdamW both). The full fine-tune trains the base it is
     given in place, so it runs last.
+``train_frozen``
+    the floor of any adapter whose first layer is layer 0: the frozen base's forward and its
+    backward down to the input embeddings, the adapter itself free (one zero scalar added to the
+    embeddings, its AdamW step). ``train_full`` over it bounds how much faster and leaner than a
+    full fine-tune such an adapter can be.
 
 Timing: each measurement is one whole pass (all segments of a context) and the best of
 ``repeats`` passes is kept; within a repeat the systems run one after another (rotating
@@ -55,7 +60,7 @@ from .model import MemoryModel, attach_memory, full_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
 
 SYSTEMS = ("base_segments", "memory", "base_full")
-TRAIN_SYSTEMS = ("train_memory", "train_full")
+TRAIN_SYSTEMS = ("train_memory", "train_frozen", "train_full")
 
 
 @dataclass
@@ -488,6 +493,13 @@ def _train_rows(
     if config.train_checkpointing:
         set_gradient_checkpointing(mm.base, False)
     base = mm.detach()
+    if config.train_checkpointing:
+        set_gradient_checkpointing(base, True)
+        base.train()
+    run_frozen_floor(base, segs, loss_of, device, run)
+    if config.train_checkpointing:
+        set_gradient_checkpointing(base, False)
+        base.eval()
     half = next(base.parameters()).dtype in (torch.bfloat16, torch.float16)
     master = half and config.train_full_master
     compute_dtype = next(base.parameters()).dtype
@@ -518,6 +530,35 @@ def _train_rows(
         base.eval()
     _free(device)
     return out_rows
+
+
+def run_frozen_floor(
+    base: nn.Module, segs: list[tuple[torch.Tensor, torch.Tensor]], loss_of: Callable[..., tuple[torch.Tensor, Any]],
+    device: torch.device, run: Callable[[str, Callable[[], None], float | None], None],
+) -> None:
+    """``train_frozen`` (see the module): a zero scalar is the only trainable parameter, added to the
+    input embeddings so that the backward runs through every layer, as it must for a memory at layer 0."""
+    probe = nn.Parameter(torch.zeros((), device=device))
+    flags = [p.requires_grad for p in base.parameters()]
+    base.requires_grad_(False)  # the base stays frozen, whatever it was handed over as
+    handle = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out + probe.to(out.dtype))
+    opt = torch.optim.AdamW([probe], lr=1e-4)
+
+    def frozen_step() -> None:
+        loss = 0.0
+        for seg_ids, seg_mask in segs:
+            loss = loss + loss_of(base, seg_ids, seg_mask.long())[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    try:
+        run("train_frozen", frozen_step, None)
+    finally:
+        handle.remove()
+        for p, flag in zip(base.parameters(), flags):
+            p.requires_grad_(flag)
+    _free(device)
 
 
 def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.device, say: Callable[[str], None]) -> dict[str, Any]:
@@ -580,17 +621,18 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "max": max(ratios),
             "pairs": pairs,
         }
-    tm = next((r for r in rows if r["system"] == "train_memory" and r.get("status") == "ok"), None)
-    tf = next((r for r in rows if r["system"] == "train_full" and r.get("status") == "ok"), None)
-    if tm and tf:
-        summary["train_memory_over_train_full"] = {
-            "step_time": round(tm["seconds"] / tf["seconds"], 4),
-            "peak_mem": round(tm["peak_mem_gib"] / tf["peak_mem_gib"], 4) if tm["peak_mem_gib"] and tf["peak_mem_gib"] else None,
-            "peak_extra_mem": (
-                round(tm["peak_extra_gib"] / tf["peak_extra_gib"], 4) if tm.get("peak_extra_gib") and tf.get("peak_extra_gib") else None
-            ),
-        }
+    ok_train = {r["system"]: r for r in rows if r["system"] in TRAIN_SYSTEMS and r.get("status") == "ok"}
+    for a, b in (("train_memory", "train_full"), ("train_frozen", "train_full"), ("train_memory", "train_frozen")):
+        if a in ok_train and b in ok_train:
+            summary[f"{a}_over_{b}"] = _train_ratios(ok_train[a], ok_train[b])
     return summary
+
+
+def _train_ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
+    def ratio(key: str) -> float | None:
+        return round(a[key] / b[key], 4) if a.get(key) and b.get(key) else None
+
+    return {"step_time": ratio("seconds"), "peak_mem": ratio("peak_mem_gib"), "peak_extra_mem": ratio("peak_extra_gib")}
 
 
 def _device_name(device: torch.device) -> str:
@@ -672,7 +714,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
     if train_rows:
         ax = axes[2]
         names = [r["system"] for r in train_rows]
-        ax.bar(names, [r["seconds"] for r in train_rows], color=["tab:red", "tab:gray"][: len(names)])
+        ax.bar(names, [r["seconds"] for r in train_rows], color=[{"train_memory": "tab:red", "train_frozen": "tab:blue"}.get(n, "tab:gray") for n in names])
         for i, r in enumerate(train_rows):
             ax.text(i, r["seconds"], f"{r['seconds']:.2f} s\n{r['peak_mem_gib']} GiB", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("seconds per step")
