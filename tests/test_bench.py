@@ -200,3 +200,23 @@ def test_the_frozen_floor_backpropagates_through_every_layer_and_leaves_the_base
     assert all(p.grad is None for p in base.parameters())  # no weight gradient was computed
     assert all(p.requires_grad for p in base.parameters())  # the flags it was handed over with
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_cli_times_several_training_steps_and_keeps_the_fastest(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import gma6.bench as bench
+    from gma6.cli import app
+
+    monkeypatch.setattr(bench, "load_model", lambda name, dtype, device: tiny_gemma3())
+    out = tmp_path / "b.json"
+    args = ["bench", "-c", "32", "-b", "1", "-s", "16", "--warmup", "0", "--system", "base_segments",
+            "--train-context", "32", "--train-segment", "16", "--train-positions", "4", "--train-warmup", "0",
+            "--train-steps", "2", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["system"].startswith("train_")]
+    assert [r["system"] for r in rows] == ["train_memory", "train_frozen", "train_full"]
+    assert all(r["status"] == "ok" and r["repeats"] == 2 for r in rows)
+    bad = CliRunner().invoke(app, [*args[:-3], "0", "--out", str(out)])
+    assert bad.exit_code != 0 and "train_steps" in bad.output

@@ -31,7 +31,8 @@ def bench(
     train_context: str = typer.Option("1k", help="Tokens per sample of the training step."),
     train_segment: int = typer.Option(512, help="Segment length of the training step."),
     train_batch: int = typer.Option(1, help="Batch of the training step."),
-    train_warmup: int = typer.Option(1, help="Untimed training steps before the timed one."),
+    train_warmup: int = typer.Option(1, help="Untimed training steps before the timed ones."),
+    train_steps: int = typer.Option(1, help="Timed training steps a system; the fastest is kept."),
     train_checkpointing: bool = typer.Option(
         False, help="Gradient checkpointing in both training steps (memory-only and full fine-tune)."),
     train_full_master: bool = typer.Option(
@@ -72,6 +73,7 @@ def bench(
             train_segment=train_segment,
             train_batch=train_batch,
             train_warmup=train_warmup,
+            train_steps=train_steps,
             train_positions=train_positions,
             train_checkpointing=train_checkpointing,
             train_full_master=train_full_master,
