@@ -15,6 +15,7 @@ import platform
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,7 @@ def token_nll(mm, ids: torch.Tensor, segment_length: int, bos: int | None, disab
     """Per segment: the NLL of each of its tokens after the first, and those tokens' ids, the memory carried."""
     state, nll, targets = None, [], []
     for seg, mask in split_segments(ids, torch.ones_like(ids, dtype=torch.bool), segment_length, bos):
-        if disabled:
-            with mm.memory_disabled():
-                out = mm(input_ids=seg, attention_mask=mask, memory_state=state)
-        else:
+        with mm.memory_disabled() if disabled else nullcontext():
             out = mm(input_ids=seg, attention_mask=mask, memory_state=state)
         state = out.memory_state
         nll.append(-F.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, seg[0, 1:, None])[:, 0])

@@ -493,22 +493,16 @@ def _train_rows(
     if config.train_checkpointing:
         set_gradient_checkpointing(mm.base, False)
     base = mm.detach()
-    if config.train_checkpointing:
+    if config.train_checkpointing:  # for the floor and the full fine-tune alike
         set_gradient_checkpointing(base, True)
         base.train()
     run_frozen_floor(base, segs, loss_of, device, run)
-    if config.train_checkpointing:
-        set_gradient_checkpointing(base, False)
-        base.eval()
     half = next(base.parameters()).dtype in (torch.bfloat16, torch.float16)
     master = half and config.train_full_master
     compute_dtype = next(base.parameters()).dtype
     if master:
         base.float()  # fp32 master weights; the maths runs in the base's dtype under autocast
     base.requires_grad_(True)
-    if config.train_checkpointing:
-        set_gradient_checkpointing(base, True)
-        base.train()
     full_opt = torch.optim.AdamW(base.parameters(), lr=1e-5)
 
     def full_step() -> None:
