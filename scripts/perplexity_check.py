@@ -1,7 +1,7 @@
 """Issue 4's "the memory must not hurt the base": perplexity of held-out text, bare vs memory.
 
 Usage: python scripts/perplexity_check.py HELD_OUT.txt UNRELATED.txt [--adapter DIR ...] [--tokens 2048]
-    [--out results/perplexity-cpu.json]
+    [--model GGUF_OR_DIR] [--device cpu|cuda] [--out results/perplexity-cpu.json]
 A fresh (untrained) memory first, then each adapter (default: the shipped one).
 """
 
@@ -28,9 +28,11 @@ p.add_argument("--adapter", action="append", help="adapter folder (repeat for se
 p.add_argument("--tokens", type=int, default=2048)
 p.add_argument("--segment-length", type=int, default=256)
 p.add_argument("--out", default="results/perplexity-cpu.json")
+p.add_argument("--model", default=None, help="base model (default: the embedded Gemma 3 270M)")
+p.add_argument("--device", default="cpu", help="the base runs in float32 on this device")
 args = p.parse_args()
 torch.manual_seed(0)
-model, tok = gma6.load_base(progress=False)
+model, tok = gma6.load_base(args.model, dtype=torch.float32, device=args.device, progress=False)
 
 
 def ids_of(path: str) -> torch.Tensor:
@@ -51,7 +53,7 @@ for name, adapter in [("fresh memory", None)] + [(a, a) for a in adapters]:
         with mm.memory_disabled(keep_lora=True):
             lora_only = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
     mem = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id)
-    state = mm.read(other, segment_length=args.segment_length, bos_token_id=tok.bos_token_id)
+    state = mm.read(other.to(mm.device), segment_length=args.segment_length, bos_token_id=tok.bos_token_id)
     after = segment_perplexity(mm, held, args.segment_length, tok.bos_token_id, memory_state=state)
     mm.detach()
     rows.append({"memory": name, "bare": round(bare, 4), "with_memory": round(mem, 4),
@@ -61,7 +63,7 @@ for name, adapter in [("fresh memory", None)] + [(a, a) for a in adapters]:
                  "ratio_lora_only": None if lora_only is None else round(lora_only / bare, 4),
                  "seconds": round(time.time() - t, 1)})
     print(rows[-1], flush=True)
-device = "cpu"
+device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
 out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "date": time.strftime("%Y-%m-%d"),
        "device": device, "machine": platform.processor() or platform.machine(), "dtype": "float32",
        "held_out": args.held_out, "unrelated": args.unrelated, "tokens": args.tokens,

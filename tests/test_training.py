@@ -105,7 +105,10 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     [({"tasks": ["qa9"]}, "qa9"), ({"curriculum": []}, "curriculum"), ({"lr": 0}, "lr=0"),
      ({"segment_length": 8}, "segment_length=8"), ({"batch_size": 0}, "batch_size=0"),
      ({"bptt_segments": 0}, "bptt_segments=0"), ({"in_context": True}, "in_context.*lora_rank"),
-     ({"in_context": True, "lora_rank": 2, "kl_weight": 1.0}, "in_context.*kl_weight")],
+     ({"in_context": True, "lora_rank": 2, "kl_weight": 1.0}, "in_context.*kl_weight"),
+     ({"text_kl_weight": -1.0}, "text_kl_weight=-1.0"), ({"text_kl_rows": 0}, "text_kl_rows=0"),
+     ({"text_kl_segments": 0}, "text_kl_segments=0"),
+     ({"in_context": True, "lora_rank": 2, "text_kl_weight": 1.0}, "in_context.*text_kl_weight")],
 )
 def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -173,6 +176,47 @@ def test_kl_to_the_bare_base_is_zero_for_a_fresh_memory_and_trains(tmp_path, kin
     assert all(r["context_kl"] is not None and r["context_kl"] >= 0 for r in rows)
     with pytest.raises(ValueError, match="kl_weight"):
         small_cfg(kl_weight=-0.1)
+
+
+def test_text_kl_is_zero_for_a_fresh_memory_then_trains_and_resumes_exactly(tmp_path):
+    from conftest import perturb
+    from gma6.training import make_text_rows, text_kl_loss
+
+    cfg = small_cfg(text_kl_weight=1.0, text_kl_rows=2, text_kl_segments=3, lm_positions=4)
+    assert make_text_rows(small_cfg(), 0, TOK, TOK.bos_token_id) is None  # off by default
+    text = make_text_rows(cfg, 0, TOK, TOK.bos_token_id)
+    assert text.shape == (2, 3 * (cfg.segment_length - 1))  # each segment gets its BOS back
+    assert torch.equal(text, make_text_rows(cfg, 0, TOK, TOK.bos_token_id))
+    mm = fresh()
+    with torch.no_grad():
+        assert float(text_kl_loss(mm, text, cfg.segment_length, TOK.bos_token_id, 4)) == pytest.approx(0.0, abs=1e-6)
+    perturb(mm)
+    kl = text_kl_loss(mm, text, cfg.segment_length, TOK.bos_token_id, 4)
+    assert 1e-5 < float(kl) < 100
+    kl.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in mm.controller.parameters())
+
+    def kl_after(weight: float, out) -> float:  # the KL on held text after training with the term at ``weight``
+        m = fresh()
+        perturb(m)
+        train(m, TOK, small_cfg(text_kl_weight=weight, text_kl_rows=2, text_kl_segments=3, lm_positions=4), out,
+              progress=False)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return float(text_kl_loss(m, text, cfg.segment_length, TOK.bos_token_id, 4))
+
+    assert kl_after(20.0, tmp_path / "strong") < 0.8 * kl_after(1e-9, tmp_path / "faint")
+    whole = fresh()
+    perturb(whole)
+    train(whole, TOK, cfg, tmp_path / "whole", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "whole" / "log.jsonl").read_text().splitlines()]
+    assert all(r["text_kl"] is not None and r["text_kl"] >= 0 for r in rows)
+    part = fresh()
+    perturb(part)
+    train(part, TOK, cfg, tmp_path / "part", progress=False, max_steps=5)
+    resumed = fresh()
+    train(resumed, TOK, cfg, tmp_path / "part", progress=False)
+    assert_same_memory(whole, resumed)
 
 
 def test_several_questions_per_context_share_one_read(tmp_path):

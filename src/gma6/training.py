@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .data.generator import derive_seed, generate_sample
+from .data.structured import text_rows
 from .data.vocab import TASKS, check_task
 from .episodes import Batch, collate, collate_questions, encode_episode, encode_question
 from .io import atomic_write, atomic_write_text
@@ -71,6 +72,11 @@ class TrainConfig:
             binary cross-entropy of each context token's write score against whether it belongs to
             one of the story's fact sentences (known for generated samples). Teaches *what* to keep
             directly, where the answer loss reaches the choice only through the kept tokens' gates.
+        text_kl_weight: weight of the same KL on ``text_kl_rows`` rows of structured text (the
+            standard library's source: code, markup, URLs; ``gma6.data.structured``) read for
+            ``text_kl_segments`` segments from a fresh memory, at ``lm_positions`` random positions a
+            segment. The stories' filler is plain prose; this keeps the memory from disturbing the
+            base on the other kinds of text it will read.
         in_context: a ceiling, not a memory: the base reads ``BOS + context + question`` in one
             window with the memory switched off and only its LoRA trained (needs ``lora_rank``).
             What the base can learn of the tasks when it sees every fact at once.
@@ -99,12 +105,16 @@ class TrainConfig:
     in_context: bool = False
     distill_weight: float = 0.0
     select_weight: float = 0.0
+    text_kl_weight: float = 0.0
+    text_kl_rows: int = 8
+    text_kl_segments: int = 4
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
         if not self.tasks:
             raise ValueError("tasks is empty: name at least one of " + ", ".join(TASKS))
-        for name in ("segment_length", "steps_per_stage", "batch_size", "log_every", "questions_per_context"):
+        for name in ("segment_length", "steps_per_stage", "batch_size", "log_every", "questions_per_context",
+                     "text_kl_rows", "text_kl_segments"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name}={v!r}: expected a positive int")
@@ -122,7 +132,7 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio}: must lie in [0, 1]")
-        for name in ("lm_weight", "kl_weight", "distill_weight", "select_weight"):
+        for name in ("lm_weight", "kl_weight", "distill_weight", "select_weight", "text_kl_weight"):
             v = getattr(self, name)
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and v >= 0):
                 raise ValueError(f"{name}={v!r}: expected a number >= 0")
@@ -131,9 +141,10 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
         if self.in_context and (self.lora_rank == 0 or self.lm_weight or self.kl_weight or self.bptt_segments
-                                or self.distill_weight or self.select_weight):
+                                or self.distill_weight or self.select_weight or self.text_kl_weight):
             raise ValueError("in_context trains the base's LoRA on whole-context prompts: it needs lora_rank > 0 and "
-                             "takes no lm_weight, kl_weight, distill_weight, select_weight or bptt_segments")
+                             "takes no lm_weight, kl_weight, distill_weight, select_weight, text_kl_weight or "
+                             "bptt_segments")
 
     @property
     def total_steps(self) -> int:
@@ -173,8 +184,24 @@ def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | 
     return collate(episodes, bos_token_id, pad_token_id)
 
 
+def make_text_rows(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None) -> torch.Tensor | None:
+    """The structured-text rows of global step ``step`` for the text KL term (None when it is off)."""
+    if not cfg.text_kl_weight:
+        return None
+    per_segment = cfg.segment_length - (bos_token_id is not None)  # split_segments prepends BOS
+    seed = (cfg.seed << 32) ^ step ^ 0x7E47_5EED  # apart from the stories' seeds
+    return text_rows(tokenizer, cfg.text_kl_rows, cfg.text_kl_segments * per_segment, seed)
+
+
+class StepData(NamedTuple):
+    """What one optimizer step reads: the stories and, with the text KL term, structured text."""
+
+    batch: Batch
+    text: torch.Tensor | None
+
+
 class _StepBatches(torch.utils.data.Dataset):
-    """Batches indexed by global step, so DataLoader workers can build them ahead of the GPU."""
+    """Step data indexed by global step, so DataLoader workers can build it ahead of the GPU."""
 
     def __init__(self, cfg: TrainConfig, tokenizer: Any, bos: int | None, pad: int) -> None:
         self.cfg, self.tokenizer, self.bos, self.pad = cfg, tokenizer, bos, pad
@@ -182,12 +209,13 @@ class _StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.cfg.total_steps
 
-    def __getitem__(self, step: int) -> Batch:
-        return make_batch(self.cfg, step, self.tokenizer, self.bos, self.pad)
+    def __getitem__(self, step: int) -> StepData:
+        return StepData(make_batch(self.cfg, step, self.tokenizer, self.bos, self.pad),
+                        make_text_rows(self.cfg, step, self.tokenizer, self.bos))
 
 
-def _identity(batch: Batch) -> Batch:
-    return batch
+def _identity(item: StepData) -> StepData:
+    return item
 
 
 def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
@@ -230,25 +258,11 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
         if bptt_segments is not None and len(segments) - k > bptt_segments:
             state = state.detach()
         targets = {} if facts[k] is None else {"write_targets": facts[k]}
-        if lm_positions and ids.shape[1] > 2:
-            # A few random positions a segment: full 262k-wide logits for every token would not fit.
-            pos = torch.randperm(ids.shape[1] - 1)[:lm_positions].sort().values.to(ids.device)
-            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=pos, **targets)
-            valid = mask[:, pos] & mask[:, pos + 1]
-            target = ids[:, pos + 1].masked_fill(~valid, -100)
-            bare = None
-            if kl:
-                with torch.no_grad(), model.memory_disabled():
-                    bare = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits
-            # Recomputed in backward: otherwise every segment keeps several fp32 copies of its
-            # vocabulary-wide logits until the end of the sample (out of GPU memory at 16 segments).
-            lm_term, kl_term = torch.utils.checkpoint.checkpoint(
-                context_terms, out.logits, target, valid, bare, use_reentrant=False)
+        out, lm_term, kl_term = _segment_terms(model, ids, mask, state, lm_positions, kl, **targets)
+        if lm_term is not None:
             lm_terms.append(lm_term)
-            if kl:
-                kl_terms.append(kl_term)
-        else:
-            out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1, **targets)
+        if kl_term is not None:
+            kl_terms.append(kl_term)
         if targets:
             select_terms.append(out.write_loss)
         state = out.memory_state
@@ -264,6 +278,45 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
     distill_loss = context_distill_loss(model, batch, bos_token_id, out.hidden_states) if distill else None
     select_loss = torch.stack(select_terms).mean() if select_terms else None
     return Losses(loss, acc, lm, kl_loss, distill_loss, select_loss)
+
+
+def _segment_terms(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, state: Any, lm_positions: int,
+                   kl: bool, **extra: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+    """One context segment read with ``state``: the model's output and, at ``lm_positions`` random
+    positions (0: none), the next-token loss and (``kl``) KL(bare || memory) there."""
+    if not (lm_positions and ids.shape[1] > 2):
+        return model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=1, **extra), None, None
+    # A few random positions a segment: full 262k-wide logits for every token would not fit.
+    pos = torch.randperm(ids.shape[1] - 1)[:lm_positions].sort().values.to(ids.device)
+    out = model(input_ids=ids, attention_mask=mask, memory_state=state, logits_to_keep=pos, **extra)
+    valid = mask[:, pos] & mask[:, pos + 1]
+    target = ids[:, pos + 1].masked_fill(~valid, -100)
+    bare = None
+    if kl:
+        with torch.no_grad(), model.memory_disabled():
+            bare = model(input_ids=ids, attention_mask=mask, logits_to_keep=pos).logits
+    # Recomputed in backward: otherwise every segment keeps several fp32 copies of its
+    # vocabulary-wide logits until the end of the sample (out of GPU memory at 16 segments).
+    lm_term, kl_term = torch.utils.checkpoint.checkpoint(context_terms, out.logits, target, valid, bare,
+                                                         use_reentrant=False)
+    return out, lm_term, kl_term
+
+
+def text_kl_loss(model: nn.Module, text: torch.Tensor, segment_length: int, bos_token_id: int | None,
+                 lm_positions: int) -> torch.Tensor:
+    """KL(bare base || memory model) at ``lm_positions`` random positions a segment of ``text``
+    (R, N), read segment by segment from a fresh memory with the memory carried."""
+    state = model.init_state(text.shape[0])
+    mask = torch.ones_like(text, dtype=torch.bool)
+    terms = []
+    for ids, m in split_segments(text, mask, segment_length, bos_token_id):
+        out, _, kl_term = _segment_terms(model, ids, m, state, lm_positions, kl=True)
+        if kl_term is not None:
+            terms.append(kl_term)
+        state = out.memory_state
+    if not terms:
+        raise ValueError(f"text of {text.shape[1]} tokens gives no segment to score")
+    return torch.stack(terms).mean()
 
 
 def context_distill_loss(model: nn.Module, batch: Batch, bos_token_id: int | None,
@@ -464,7 +517,7 @@ def train(
         num_workers=num_workers, prefetch_factor=4 if num_workers else None, collate_fn=_identity,
         generator=torch.Generator(),  # its seed draw must not advance the global RNG a resume restores
     )
-    for batch in batches:
+    for batch, text in batches:
         batch = batch.to(model.device)
         if cfg.in_context:
             loss, acc, lm, kl, distill, select = Losses(*_in_context_losses(model, batch, bos))
@@ -482,6 +535,10 @@ def train(
             total = total + cfg.distill_weight * distill
         if select is not None:
             total = total + cfg.select_weight * select
+        text_kl = None
+        if text is not None:
+            text_kl = text_kl_loss(model, text.to(model.device), cfg.segment_length, bos, cfg.lm_positions)
+            total = total + cfg.text_kl_weight * text_kl
         total.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         # A non-finite gradient (an overflow in one batch) would make every weight NaN for good: skip that
@@ -509,6 +566,7 @@ def train(
                       "context_kl": round(float(kl.detach()), 6) if kl is not None else None,
                       "context_distill": round(float(distill.detach()), 5) if distill is not None else None,
                       "write_select": round(float(select.detach()), 5) if select is not None else None,
+                      "text_kl": round(float(text_kl.detach()), 6) if text_kl is not None else None,
                       "lr": sched.get_last_lr()[0],
                       "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
             if skipped:  # updates skipped for a non-finite gradient since the last record
@@ -562,7 +620,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
              "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context", "distill_weight",
-             "select_weight")
+             "select_weight", "text_kl_weight", "text_kl_rows", "text_kl_segments")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:

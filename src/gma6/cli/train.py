@@ -59,6 +59,11 @@ def train(
     select_weight: float = typer.Option(
         0.0, help="With --write-rule tokens: weight of supervising which tokens are written (the story's fact "
                   "sentences, known for generated samples)."),
+    text_kl_weight: float = typer.Option(
+        0.0, help="Weight of KL(bare || memory) on structured text (the standard library's source: code, markup, "
+                  "URLs) read from a fresh memory: keeps the memory harmless on text unlike the stories' prose."),
+    text_kl_rows: int = typer.Option(8, help="Rows of structured text a step for that term."),
+    text_kl_segments: int = typer.Option(4, help="Segments each such row is read for."),
     in_context: bool = typer.Option(
         False, help="A ceiling, not a memory: train only the base's LoRA (--lora-rank) on the whole context in one "
                     "window, the memory switched off."),
@@ -88,7 +93,8 @@ def train(
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
             questions_per_context=questions_per_context, in_context=in_context,
-            distill_weight=distill_weight, select_weight=select_weight,
+            distill_weight=distill_weight, select_weight=select_weight, text_kl_weight=text_kl_weight,
+            text_kl_rows=text_kl_rows, text_kl_segments=text_kl_segments,
         )
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
