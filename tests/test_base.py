@@ -34,4 +34,5 @@ def test_shipped_adapter_is_there():
     assert {"gma6_config.json", "memory_adapter.safetensors", "training.json"} <= set(names)
     cfg = gma6.GMA6Config.load(default_adapter())
     assert cfg.model_type == "gemma3_text" and cfg.hidden_size == 640
+    assert cfg.lora_rank == 0 and not (default_adapter() / "lora_adapter.safetensors").exists()  # the memory alone
     assert (default_adapter() / "memory_adapter.safetensors").stat().st_size < 16 * 2**20

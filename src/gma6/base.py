@@ -20,8 +20,10 @@ _CACHE_SUBDIR = "gemma-3-270m-q4km-v1"
 
 
 def default_adapter() -> Path:
-    """The memory adapter shipped with gma6 for the embedded Gemma 3 270M (see its training.json)."""
-    return Path(__file__).parent / "adapters" / "gemma3-270m-babilong"
+    """The memory adapter shipped with gma6 for the embedded Gemma 3 270M: the memory alone, the
+    base's weights untouched (see its training.json). ``adapters/gemma3-270m-babilong`` beside it
+    adds a LoRA on the base."""
+    return Path(__file__).parent / "adapters" / "gemma3-270m-babilong-memory-alone"
 
 
 def cache_dir() -> Path:
