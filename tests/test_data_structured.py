@@ -59,3 +59,12 @@ def test_a_row_joins_stretches_from_unrelated_places():
 def test_bad_sizes_are_refused(rows, n, pieces):
     with pytest.raises(ValueError, match="expected positive ints"):
         text_rows(TOK, rows, n, seed=0, pieces=pieces)
+
+
+def test_a_tokenizer_that_gives_nothing_is_an_error_not_a_hang():
+    class Empty:
+        def encode(self, text, add_special_tokens=False):
+            return []
+
+    with pytest.raises(ValueError, match="tokenizer made 0 tokens"):
+        text_rows(Empty(), 1, 10, seed=0)

@@ -78,7 +78,10 @@ def text_rows(tokenizer: Any, rows: int, n_tokens: int, seed: int, pieces: int =
             text = _read(docs[i])
             start = text.rfind("\n", 0, rng.randrange(len(text))) + 1  # from the start of a line
             piece: list[int] = []
+            first = i
             while len(piece) < want:
+                if i - first > len(docs):  # every document read once more and still short: the tokenizer gives nothing
+                    raise ValueError(f"the tokenizer made {len(piece)} tokens of {len(docs)} documents, {want} wanted")
                 chunk = text[start : start + (want - len(piece)) * _CHARS_PER_TOKEN]
                 piece.extend(tokenizer.encode(chunk, add_special_tokens=False))
                 i, start = i + 1, 0
