@@ -79,3 +79,16 @@ def test_the_base_read_with_a_supervised_write_trains_from_the_command_line(tiny
     assert r.returncode != 0 and "--write-rule tokens" in r.stderr
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "z"), *COMMON, "--read-site", "attention")
     assert r.returncode != 0 and "read_site='attention'" in r.stderr
+
+
+def test_the_structured_text_kl_term_from_the_command_line(tiny_checkpoint, tmp_path):  # noqa: F811
+    _train(tiny_checkpoint, tmp_path / "t", "--curriculum", "1", "--text-kl-weight", "2", "--text-kl-rows", "1",
+           "--text-kl-segments", "2")
+    meta = json.loads((tmp_path / "t" / "adapter" / "training.json").read_text())
+    assert (meta["train_config"]["text_kl_weight"], meta["train_config"]["text_kl_rows"],
+            meta["train_config"]["text_kl_segments"]) == (2.0, 1, 2)
+    log = [json.loads(x) for x in (tmp_path / "t" / "log.jsonl").read_text().splitlines()]
+    assert all(r["text_kl"] is not None and r["text_kl"] >= 0 for r in log)
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON,
+              "--text-kl-weight", "1", "--text-kl-rows", "0")
+    assert r.returncode != 0 and "text_kl_rows=0" in r.stderr
