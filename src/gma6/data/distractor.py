@@ -141,11 +141,22 @@ def _dedupe_filter(sentences: Iterable[str], prose_only: bool, filter_vocab: boo
     return out
 
 
-_SKIP_DIRS = frozenset(
+STDLIB_SKIP_DIRS = frozenset(
     {"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__", "lib2to3",
      "turtledemo", "ensurepip", "pydoc_data", "venv"}
 )
 _TRIPLE_QUOTED = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'', re.DOTALL)
+
+
+def stdlib_py_files(skip_dirs: frozenset[str]) -> Iterable[Path]:
+    """The running Python's standard-library ``.py`` files in sorted path order, folders named in
+    ``skip_dirs`` left out (none when the interpreter ships no sources)."""
+    root = sysconfig.get_paths().get("stdlib")
+    if not (root and os.path.isdir(root)):
+        return
+    for base, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip_dirs)
+        yield from (Path(base, name) for name in sorted(files) if name.endswith(".py"))
 
 
 def _stdlib_texts() -> Iterable[str]:
@@ -156,19 +167,13 @@ def _stdlib_texts() -> Iterable[str]:
         topics = {}
     for key in sorted(topics):
         yield topics[key]
-    root = sysconfig.get_paths().get("stdlib")
-    if root and os.path.isdir(root):
-        for base, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
-            for name in sorted(files):
-                if not name.endswith(".py"):
-                    continue
-                try:
-                    source = Path(base, name).read_text(encoding="utf-8", errors="replace")
-                except OSError:
-                    continue
-                for m in _TRIPLE_QUOTED.finditer(source):
-                    yield inspect.cleandoc(m.group(1) or m.group(2) or "")
+    for path in stdlib_py_files(STDLIB_SKIP_DIRS):
+        try:
+            source = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for m in _TRIPLE_QUOTED.finditer(source):
+            yield inspect.cleandoc(m.group(1) or m.group(2) or "")
     # Docstrings of built-in objects, for interpreters without source files.
     import builtins
 

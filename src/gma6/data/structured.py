@@ -17,7 +17,6 @@ metadata and licences under site-packages), which never come from here.
 from __future__ import annotations
 
 import functools
-import os
 import random
 import sysconfig
 from pathlib import Path
@@ -25,9 +24,11 @@ from typing import Any
 
 import torch
 
-# Folders of the standard library that are tests, demos or copies of third-party packages.
-SKIP_DIRS = frozenset({"test", "tests", "site-packages", "dist-packages", "idlelib", "__pycache__", "lib2to3",
-                       "turtledemo", "ensurepip", "pydoc_data", "venv", "unittest"})
+from .distractor import STDLIB_SKIP_DIRS, stdlib_py_files
+
+# Folders of the standard library that are tests, demos or copies of third-party packages (the
+# filler corpus's list, and unittest's own machinery).
+SKIP_DIRS = STDLIB_SKIP_DIRS | {"unittest"}
 
 # Characters read per token wanted: code runs 3-4 characters a token; the rest is cut off.
 _CHARS_PER_TOKEN = 6
@@ -37,14 +38,9 @@ _CHARS_PER_TOKEN = 6
 def stdlib_sources() -> tuple[Path | str, ...]:
     """The standard library's ``.py`` files, sorted, then the reference topics' texts; raises if
     the interpreter ships no sources."""
-    root = sysconfig.get_paths().get("stdlib")
-    files: list[Path] = []
-    if root and os.path.isdir(root):
-        for base, dirs, names in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
-            files.extend(Path(base, n) for n in sorted(names) if n.endswith(".py"))
-    files = [f for f in files if f.stat().st_size > 2000]  # stubs and one-liners teach nothing
+    files = [f for f in stdlib_py_files(SKIP_DIRS) if f.stat().st_size > 2000]  # stubs and one-liners teach nothing
     if not files:
+        root = sysconfig.get_paths().get("stdlib")
         raise RuntimeError(f"no standard-library sources under {root!r}: this interpreter ships none "
                            "(the structured-text KL term needs them)")
     try:
@@ -78,14 +74,15 @@ def text_rows(tokenizer: Any, rows: int, n_tokens: int, seed: int, pieces: int =
             text = _read(docs[i])
             start = text.rfind("\n", 0, rng.randrange(len(text))) + 1  # from the start of a line
             piece: list[int] = []
-            first = i
-            while len(piece) < want:
-                if i - first > len(docs):  # every document read once more and still short: the tokenizer gives nothing
-                    raise ValueError(f"the tokenizer made {len(piece)} tokens of {len(docs)} documents, {want} wanted")
-                chunk = text[start : start + (want - len(piece)) * _CHARS_PER_TOKEN]
-                piece.extend(tokenizer.encode(chunk, add_special_tokens=False))
+            for _ in range(len(docs) + 1):  # at most every document once more
+                piece.extend(tokenizer.encode(text[start : start + (want - len(piece)) * _CHARS_PER_TOKEN],
+                                              add_special_tokens=False))
+                if len(piece) >= want:
+                    break
                 i, start = i + 1, 0
                 text = _read(docs[i % len(docs)])
+            else:  # the tokenizer gives (almost) nothing
+                raise ValueError(f"the tokenizer made {len(piece)} tokens of {len(docs)} documents, {want} wanted")
             ids.extend(piece[:want])
         out.append(ids)
     return torch.tensor(out, dtype=torch.long)
