@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-
+import collections
 import json
 
 import pytest
 import torch
 
 from gma6 import GMA6Config, attach_memory
-from gma6.training import TrainConfig, make_batch, train
+from gma6.training import TrainConfig, batch_tasks, make_batch, train
 
 from conftest import tiny_gemma3
 from wordtok import WordTokenizer
@@ -44,6 +44,20 @@ def resume_and_finish(cfg: TrainConfig, out, **stop):
 def assert_same_memory(a, b) -> None:
     for (n, x), y in zip(a.controller.named_parameters(), b.controller.parameters()):
         assert torch.equal(x, y), n
+
+
+def test_a_task_named_twice_takes_two_shares_of_each_batch():
+    cfg = small_cfg(tasks=["qa1", "qa2", "qa2", "qa3"], batch_size=8)
+    for step in (0, 1, 5):
+        tasks = batch_tasks(cfg, step)
+        assert len(tasks) == 8 and collections.Counter(tasks) == {"qa1": 2, "qa2": 4, "qa3": 2}
+    # round robin over the run, not restarted each batch: an odd batch size still keeps the ratio over steps
+    odd = small_cfg(tasks=["qa1", "qa2", "qa2"], batch_size=5)
+    counts = collections.Counter(t for step in range(6) for t in batch_tasks(odd, step))
+    assert counts == {"qa1": 10, "qa2": 20}
+    # every sample is still its own story: the repeated task's samples differ
+    batch = make_batch(small_cfg(tasks=["qa2", "qa2"], batch_size=2, num_facts=4), 0, TOK, 1)
+    assert not torch.equal(batch.context[0], batch.context[1])
 
 
 def test_batches_are_a_pure_function_of_the_step():
@@ -289,6 +303,8 @@ def test_validate_in_context_scores_the_base_on_the_whole_prompt():
     mm = fresh()
     got = validate(mm, TOK, ["qa1", "qa2"], 60, n=3, segment_length=48, in_context=True)
     assert set(got) == {"qa1", "qa2"} and all(0.0 <= v <= 1.0 for v in got.values())
+    # a training mix's repeated task is measured once, on the same samples
+    assert validate(mm, TOK, ["qa1", "qa2", "qa2"], 60, n=3, segment_length=48, in_context=True) == got
     # by hand: the bare base over BOS + context + question + answer, positions counting real tokens
     samples = [generate_sample("qa1", 60, derive_seed("test", "qa1", i, 0), TOK, split="test") for i in range(3)]
     batch = collate([encode_episode(x, TOK) for x in samples], TOK.bos_token_id, 0)

@@ -44,7 +44,8 @@ class TrainConfig:
     """What ``train`` does. Validated on construction.
 
     Attributes:
-        tasks: BABILong tasks mixed in every batch (round robin).
+        tasks: BABILong tasks mixed in every batch, round robin: a task named k times takes k
+            shares of each batch (``["qa1", "qa2", "qa2"]``: a third qa1, two thirds qa2).
         segment_length: tokens per segment, BOS included.
         curriculum: context segments per stage; each stage starts from the last one's weights.
         steps_per_stage: optimizer steps per stage.
@@ -159,14 +160,19 @@ class TrainConfig:
         return max(0, int(0.9 * segments * (self.segment_length - 1)) - 80)
 
 
+def batch_tasks(cfg: TrainConfig, step: int) -> list[str]:
+    """The task of each sample of global step ``step``'s batch: ``cfg.tasks`` round robin over the run."""
+    start = step * cfg.batch_size
+    return [cfg.tasks[i % len(cfg.tasks)] for i in range(start, start + cfg.batch_size)]
+
+
 def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None, pad_token_id: int = 0) -> Batch:
     """The training batch of global step ``step`` (a pure function of the step)."""
     segments = cfg.curriculum[cfg.stage(step)]
     length = cfg.context_tokens(segments)
     episodes, questions, source = [], [], []
-    for j in range(cfg.batch_size):
+    for j, task in enumerate(batch_tasks(cfg, step)):
         i = step * cfg.batch_size + j
-        task = cfg.tasks[i % len(cfg.tasks)]
         seed = derive_seed("train", task, i, cfg.seed)
         sample = generate_sample(task, length, seed, tokenizer, num_facts=cfg.num_facts, split="train")
         episode = encode_episode(sample, tokenizer, facts=cfg.select_weight > 0)
@@ -421,7 +427,7 @@ def validate(model: nn.Module, tokenizer: Any, tasks: list[str], length: int, n:
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     result = {}
-    for task in tasks:
+    for task in dict.fromkeys(tasks):  # a task named twice (a training mix's weight) is measured once
         samples = [generate_sample(task, length, derive_seed("test", task, i, seed), tokenizer, split="test")
                    for i in range(n)]
         hits = 0.0

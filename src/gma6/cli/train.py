@@ -38,7 +38,8 @@ def train(
                 "(the base's attention stays untouched; 0: none)."),
     usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
-    tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on."),
+    tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on, round robin; a task named k times "
+                                                           "takes k shares of each batch (e.g. qa1,qa2,qa2)."),
     segment_length: int = typer.Option(256, help="Tokens per segment (BOS included)."),
     curriculum: str = typer.Option("1,2,4,8", help="Context segments per stage."),
     steps_per_stage: int = typer.Option(200, help="Optimizer steps per stage."),
