@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-def tiny_gemma3(seed: int = 0, layers: int = 4, hidden: int = 32, vocab: int = 64):
+def tiny_gemma3(seed: int = 0, layers: int = 4, hidden: int = 32, vocab: int = 64, head_dim: int = 16):
     """A random Gemma 3 text model small enough for unit tests."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
@@ -22,7 +22,7 @@ def tiny_gemma3(seed: int = 0, layers: int = 4, hidden: int = 32, vocab: int = 6
         num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=1,
-        head_dim=16,
+        head_dim=head_dim,
         sliding_window=16,
         layer_types=types,
         max_position_embeddings=1024,

@@ -94,8 +94,11 @@ def test_4bit_base_on_cpu_keeps_outputs_and_trains_only_the_memory(tmp_path):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    tiny_gemma3(hidden=64).save_pretrained(tmp_path)
+    # every projection 32-wide or more: bitsandbytes packs CPU weights in blocks of 32 rows where the CPU has
+    # AVX512-BF16 and then refuses narrower ones (a 16-wide k/v projection)
+    tiny_gemma3(hidden=64, head_dim=32).save_pretrained(tmp_path)
     base = AutoModelForCausalLM.from_pretrained(tmp_path, **options.quantized_load_kwargs(device="cpu"))
+    options.keep_4bit_differentiable(base)  # what attaching does; the reference below must use the same kernel
     assert options.is_loaded_in_4bit(base)
     assert any(type(m).__name__ == "Linear4bit" for m in base.modules())
     x = _ids()
@@ -333,3 +336,31 @@ def test_under_checkpointing_the_memory_keeps_no_activation_of_its_own_for_backw
 
     assert saved_from_memory(False)  # without checkpointing the read and write keep their activations
     assert saved_from_memory(True) == []
+
+
+def test_4bit_layers_keep_their_backward_after_an_inference_call(tmp_path):
+    """bitsandbytes repacks CPU 4-bit weights for AVX512-BF16 on an eval call without gradient, onto a kernel
+    with no backward; attaching a memory must undo that, or gradients stop silently inside the base."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    tiny_gemma3(hidden=64, head_dim=32).save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, **options.quantized_load_kwargs(device="cpu"))
+    x = _ids()
+    with torch.no_grad():
+        base(input_ids=x)  # where the CPU has AVX512-BF16, this repacks every 4-bit layer
+    layers = [m for m in base.modules() if type(m).__name__ == "Linear4bit"]
+    packed = sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers)
+    mm = attach_memory(base, GMA6Config(use_4bit_quantization=True, **SMALL))
+    assert all(not getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)
+    assert options.keep_4bit_differentiable(mm.base) == 0  # nothing left to undo
+    # a gradient reaches an input of the first layer through every later 4-bit layer
+    probe = torch.zeros((), requires_grad=True)
+    handle = mm.base.get_input_embeddings().register_forward_hook(lambda m, i, out: out + probe)
+    try:
+        with mm.memory_disabled():
+            mm.base(input_ids=x).logits.float().square().mean().backward()
+    finally:
+        handle.remove()
+    assert probe.grad is not None and probe.grad.abs() > 0, f"no gradient through the 4-bit base ({packed} layers had been packed)"

@@ -89,6 +89,31 @@ def apply_system_options(base: nn.Module, config: GMA6Config) -> None:
             base.to(dtype)
     if config.gradient_checkpointing:
         set_gradient_checkpointing(base, True)
+    if quantized:
+        keep_4bit_differentiable(base)
+
+
+def keep_4bit_differentiable(base: nn.Module) -> int:
+    """Keep every CPU 4-bit layer of ``base`` on bitsandbytes' kernel that has a backward; returns how many
+    layers had already left it.
+
+    Why: where the CPU has AVX512-BF16, bitsandbytes (>= 0.49) repacks a ``Linear4bit``'s weights the first time
+    it runs in eval mode on an input without gradient, and from then on multiplies with a kernel that has no
+    backward, whatever the mode: gradients stop at that layer without an error. The memory trains through the
+    frozen base, so the repacking is switched off, and undone where it already happened.
+    """
+    undone = 0
+    for module in base.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            undone += 1
+    return undone
 
 
 def checkpointing_on(base: nn.Module) -> bool:
