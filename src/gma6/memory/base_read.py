@@ -295,7 +295,18 @@ class BaseAttentionRead:
             s = k.shape[2] - 1
             cos, ssin = self._cos_signed_sin(q, positions, cache, ("queries", s), offset=s)
             q = torch.addcmul(q * cos, q.roll(d // 2, dims=-1), ssin)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+        return self._sdpa(q, k, v, mask)
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The read's one SDPA call: q (B, n, T, d), k and v (B, g, S + 1, d), the additive mask (B, 1, 1, S + 1)."""
+        if self.groups > 1:
+            # PyTorch's memory-efficient kernel takes an additive mask but not enable_gqa, and flash takes no mask:
+            # with both, SDPA falls back to its math path, which upcasts to fp32 and keeps the attention weights
+            # for backward (seen in a memory-only training step's saved tensors on the H200). The slots are few,
+            # so their keys and values are repeated over the query groups instead (equal results). A mask that
+            # needs a gradient keeps the math path on the CPU all the same.
+            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
 
     def read_rotated(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``fused_read`` from the base's own queries q (B, n, T, d), after its q-norm and RoPE at the tokens'
@@ -308,7 +319,7 @@ class BaseAttentionRead:
         if k.shape[0] != b:  # generate() expanded the batch (beams, samples)
             r = b // k.shape[0]
             k, v, mask = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling, enable_gqa=self.groups > 1)
+        return self._sdpa(q, k, v, mask)
 
 
 def add_read_heads(out: torch.Tensor, read: torch.Tensor, tanh_gate: torch.Tensor) -> torch.Tensor:

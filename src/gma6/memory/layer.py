@@ -13,8 +13,8 @@ from .attention import MemoryAttentionGate, merge_heads, split_heads
 
 
 class LowRank(nn.Module):
-    """``x -> U V x`` of rank r (into ``out_dim``, default ``dim``), ``U`` zero at start (so the first step changes nothing), computed in
-    the parameters' dtype and returned in ``x``'s."""
+    """``x -> U V x`` of rank r (into ``out_dim``, default ``dim``), ``U`` zero at start (so the first step changes nothing), computed
+    and returned in ``x``'s dtype."""
 
     def __init__(self, dim: int, rank: int, out_dim: int | None = None) -> None:
         super().__init__()
@@ -23,7 +23,10 @@ class LowRank(nn.Module):
         nn.init.zeros_(self.up.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+        # The weights (a few thousand entries) are cast, not x: a (B, T, H) input cast up to fp32 would keep an
+        # fp32 copy of every token's hidden state for backward at every read (H200, batch 8 x 4k: 2.7 GiB of a
+        # step's saved tensors).
+        return F.linear(F.linear(x, self.down.weight.to(x.dtype)), self.up.weight.to(x.dtype))
 
 
 class EnhancedMemoryLayer(nn.Module):
