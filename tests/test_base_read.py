@@ -524,3 +524,44 @@ def test_the_fused_read_with_grouped_keys_equals_sdpa_with_enable_gqa():
     g1 = torch.autograd.grad(got.square().sum(), mask)[0]
     g2 = torch.autograd.grad(ref.square().sum(), mask)[0]
     assert torch.allclose(g1, g2, atol=1e-5)
+
+
+@pytest.mark.parametrize("read_rank", [2, 0])  # the hook path (read adapters) and the attention function's site
+def test_the_attention_site_read_is_recomputed_in_backward_with_equal_gradients(read_rank):
+    """In training the read inside the attention keeps only its inputs and recomputes the rest in backward: the
+    gradients equal those of a read that keeps everything, and backward keeps fewer bytes."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    g = torch.Generator().manual_seed(0)
+    mm = attach_memory(tiny_gemma3(), _config(read_rank=read_rank, read_site="attention"))
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(3, 64, (2, 24))
+
+    def step() -> tuple[dict[str, torch.Tensor], int]:
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        mm.zero_grad(set_to_none=True)
+        with saved_tensors_hooks(pack, lambda t: t):
+            state = mm(input_ids=ids[:, :12]).memory_state
+            loss = mm(input_ids=ids[:, 12:], memory_state=state, labels=ids[:, 12:]).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in mm.controller.named_parameters() if p.grad is not None}
+        return grads, sum(seen.values())
+
+    recomputed, lean = step()
+    kept = MemoryModel._recomputed
+    try:
+        MemoryModel._recomputed = lambda self, read, *args: read(*args)
+        ref, full = step()
+    finally:
+        MemoryModel._recomputed = kept
+    assert ref.keys() == recomputed.keys() and len(ref) > 0
+    for name in ref:
+        assert torch.allclose(ref[name], recomputed[name], atol=1e-6), name
+    assert lean < full

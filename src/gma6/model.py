@@ -203,7 +203,8 @@ class MemoryModel(MemoryWrapper):
                     call.site_kv[(slot, fused)] = slots
             if fused:
                 gate = call.site_gates[slot] if call.site_gates is not None else torch.tanh(layer.base_gate)
-                delta, stats = (read.fused_read(output, args[0], slots, positions, layer.read_q, call.rope), gate), {}
+                delta, stats = (self._recomputed(read.fused_read, output, args[0], slots, positions, layer.read_q,
+                                                 call.rope), gate), {}
             else:
                 kv, bias = slots
                 delta, stats = read.in_attention(output, args[0], kv, bias, positions, layer.base_gate, layer.sink,
@@ -232,7 +233,7 @@ class MemoryModel(MemoryWrapper):
                 if call.site_kv is not None and not torch.is_grad_enabled():  # as in _make_site_query
                     call.site_kv[(slot, "rotated")] = slots
             gate = call.site_gates[slot] if call.site_gates is not None else torch.tanh(layer.base_gate)
-            return add_read_heads(out, read.read_rotated(query, slots), gate)
+            return add_read_heads(out, self._recomputed(read.read_rotated, query, slots), gate)
 
         return site
 
@@ -291,6 +292,15 @@ class MemoryModel(MemoryWrapper):
         delta, stats = self.controller.read(slot, hidden, memory, return_stats, view, kv)
         new = hidden + (delta if delta.dtype == hidden.dtype else delta.to(hidden.dtype))
         return (new, stats) if with_stats else new
+
+    def _recomputed(self, read: Any, *args: Any) -> torch.Tensor:
+        """``read(*args)``, its intermediates recomputed in backward where a graph is built and the base does not
+        recompute its layers already. Why: kept, the fused read's fp32 q-norm, RoPE and attention intermediates were
+        the largest part of what a memory-only training step keeps beyond the frozen base (H200, batch 8 x 4k:
+        about 6.5 GiB); recomputing them costs one more read forward a layer, a few small kernels."""
+        if torch.is_grad_enabled() and not self._checkpointing():
+            return torch.utils.checkpoint.checkpoint(read, *args, use_reentrant=False)
+        return read(*args)
 
     def _checkpointing(self, slot: int | None = None) -> bool:
         """Whether the base recomputes (this hooked layer's / any hooked layer's) activations in backward now."""
