@@ -261,3 +261,36 @@ def test_other_context_control_alone_and_unknown_systems(tiny_model, tok):
         evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, systems=("memory_shuffled",))
     with pytest.raises(ValueError, match="at least 2 samples"):  # alone, a sample would read its own context
         evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, systems=("memory_other_context",))
+
+
+def test_question_reads_write_each_question_into_the_memory_before_it_is_asked(tiny_model, tok, monkeypatch):
+    """``question_reads=1``: after the context the memory reads the question prompt (BOS + question, never the
+    answer), so the state the answer is generated from has read those tokens too."""
+    import gma6.evaluation as ev
+    from gma6 import MemoryModel
+
+    mm = attach_memory(tiny_model, GMA6Config(**SMALL))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real_generate = MemoryModel.generate
+
+    def spy(self, *args, memory_state=None, **kw):
+        seen.append((memory_state.tokens_read.clone(), memory_state.segments_read))
+        return real_generate(self, *args, memory_state=memory_state, **kw)
+
+    monkeypatch.setattr(MemoryModel, "generate", spy)
+    asked: list = []
+    real_read = ev._read_questions
+    monkeypatch.setattr(ev, "_read_questions", lambda model, eps, *a: asked.extend(eps) or real_read(model, eps, *a))
+    plain = evaluate(mm, tok, ["qa1"], [64], 2, segment_length=32, progress=False, batch_size=2, systems=("memory",))
+    plain_state = seen.pop()
+    r = evaluate(mm, tok, ["qa1"], [64], 2, segment_length=32, progress=False, batch_size=2, systems=("memory",),
+                 question_reads=1)
+    hop_state = seen.pop()
+    mm.detach()
+    assert r["question_reads"] == 1 and plain["question_reads"] == 0
+    assert len(asked) == 2 and all(e.answer and e.question[-len(e.answer):] != e.answer for e in asked)
+    extra = torch.tensor([1 + len(e.question) for e in asked])  # BOS + question, the answer not among them
+    assert torch.equal(hop_state[0] - plain_state[0], extra)
+    assert int(hop_state[1]) - int(plain_state[1]) == 1
+    with pytest.raises(ValueError, match="question_reads"):
+        evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, question_reads=-1)

@@ -293,6 +293,20 @@ def _read_context(model: nn.Module, episodes: list[Episode], segment_length: int
     return state
 
 
+def _read_questions(model: nn.Module, episodes: list[Episode], segment_length: int, bos: int | None, pad: int,
+                    state: Any) -> Any:
+    """``state`` after the memory model has read each episode's question prompt (no answer) as a segment."""
+    prompts = [question_prompt(e, bos) for e in episodes]
+    width = max(map(len, prompts))
+    device = _param(model).device
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
+    for i, q in enumerate(prompts):
+        ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
+        mask[i, :len(q)] = True
+    return model.read(ids, segment_length=segment_length, memory_state=state, attention_mask=mask)
+
+
 def _segments(n_tokens: int, segment_length: int, bos: int | None) -> int:
     step = segment_length - (bos is not None)
     return max(1, math.ceil(n_tokens / step))
@@ -319,6 +333,7 @@ def evaluate(
     record_outputs: bool = True,
     first_line: bool = True,
     on_row: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
+    question_reads: int = 0,
 ) -> dict[str, Any]:
     """Answer the same test samples with each system; return the results as a JSON-ready dict.
 
@@ -347,6 +362,9 @@ def evaluate(
         first_line: score only the output's first non-empty line (see :func:`answer_text`); False
             scores the whole output, as BABILong does.
         on_row: called with ``(row, results_so_far)`` after each row (e.g. to save partial results).
+        question_reads: memory systems write the question (BOS + question, no answer) into the memory this many
+            times after the context and before answering it: a read of what the question's first pass found
+            (an inference-time probe of a second read hop; 0: the question is only asked).
 
     Returns:
         ``{"model", "adapter", "device", "dtype", "date", "segment_length", "command", "rows", ...}``
@@ -365,6 +383,8 @@ def evaluate(
         raise ValueError(f"segment_length={segment_length!r}: expected an int >= 16")
     if batch_size <= 0 or max_new_tokens <= 0:
         raise ValueError("batch_size and max_new_tokens must be positive")
+    if isinstance(question_reads, bool) or not isinstance(question_reads, int) or question_reads < 0:
+        raise ValueError(f"question_reads={question_reads!r}: expected an int >= 0")
     counts = _length_counts(n, lens, limit)
     if OTHER_CONTEXT_SYSTEM in systems and min(counts.values()) < 2:
         raise ValueError(f"{OTHER_CONTEXT_SYSTEM} needs at least 2 samples a cell (another sample's context "
@@ -401,6 +421,7 @@ def evaluate(
         "seed": seed,
         "split": "test",
         "max_new_tokens": max_new_tokens,
+        "question_reads": question_reads,
         "max_full_tokens": limit_tokens,
         "scoring": "gma6.data.score (BABILong) on " + ("the first line of the output" if first_line else "the whole output"),
         "systems": base_systems + [label(m, v) for m in run_mems for v in variants],
@@ -506,6 +527,8 @@ def evaluate(
                     answers: list[str] = []
                     for i in range(0, len(eps_all), batch_size):
                         state = _read_context(model, read_eps[i:i + batch_size], segment_length, bos, pad)
+                        for _ in range(question_reads):
+                            state = _read_questions(model, eps_all[i:i + batch_size], segment_length, bos, pad, state)
                         answers += answer(model, [question_prompt(e, bos) for e in eps_all[i:i + batch_size]],
                                           memory_state=state)
                     ctx_tokens = sum(len(e.context) for e in read_eps) / len(read_eps)

@@ -41,6 +41,8 @@ def eval_command(
     batch_size: int = typer.Option(8, help="Prompts per generate call."),
     max_new_tokens: int = typer.Option(8, help="Tokens generated per answer (greedy)."),
     max_full_tokens: int = typer.Option(32768, help="base_full is skipped for prompts longer than this."),
+    question_reads: int = typer.Option(0, help="Memory systems write the question into the memory this many times "
+                                               "before answering it (a second read hop at inference; 0: off)."),
     first_line: bool = typer.Option(True, "--first-line/--whole-output",
                                     help="Score the output's first line (default) or all of it, as BABILong does."),
     name: Optional[str] = typer.Option(None, help="Results go to OUT_DIR/NAME.json and .png (default: eval-<time>)."),
@@ -79,6 +81,8 @@ def eval_command(
                     ("--limit", limit if limit is not None else 1)):
         if v <= 0:
             raise typer.BadParameter(f"{flag}={v}: expected a positive int")
+    if question_reads < 0:
+        raise typer.BadParameter(f"--question-reads={question_reads}: expected an int >= 0")
     name = name or "eval-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
     dev = pick_device(device)
@@ -100,7 +104,7 @@ def eval_command(
     result = evaluate(base, tok, task_list, length_list, n, segment_length=segment_length, seed=seed,
                       systems=system_list, adapter=adapters or None, max_new_tokens=max_new_tokens,
                       batch_size=batch_size, progress=progress, limit=limit, max_full_tokens=max_full_tokens,
-                      first_line=first_line, on_row=partial)
+                      first_line=first_line, on_row=partial, question_reads=question_reads)
     result.update(model=model_name, command=command)
     paths = save_results(result, out_dir, name, plot=plot)
     typer.echo(format_table(result))
