@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--segment-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--in-context", action="store_true")
+    ap.add_argument("--question-reads", type=int, default=0, help="as gma6 train/eval --question-reads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
     for length in args.lengths.split(","):
         t0 = time.perf_counter()
         acc = validate(mm, tok, args.tasks.split(","), parse_length(length), args.n, args.segment_length,
-                       batch_size=args.batch_size, in_context=args.in_context)
+                       batch_size=args.batch_size, in_context=args.in_context, question_reads=args.question_reads)
         for task, a in acc.items():
             rows.append({"task": task, "length": length, "n": args.n, "accuracy": round(a, 4)})
         print(length, {k: round(v, 3) for k, v in acc.items()}, f"{time.perf_counter() - t0:.0f}s", flush=True)

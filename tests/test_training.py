@@ -122,7 +122,9 @@ def test_resume_with_other_settings_is_refused(tmp_path):
      ({"in_context": True, "lora_rank": 2, "kl_weight": 1.0}, "in_context.*kl_weight"),
      ({"text_kl_weight": -1.0}, "text_kl_weight=-1.0"), ({"text_kl_rows": 0}, "text_kl_rows=0"),
      ({"text_kl_segments": 0}, "text_kl_segments=0"),
-     ({"in_context": True, "lora_rank": 2, "text_kl_weight": 1.0}, "in_context.*text_kl_weight")],
+     ({"in_context": True, "lora_rank": 2, "text_kl_weight": 1.0}, "in_context.*text_kl_weight"),
+     ({"question_reads": -1}, "question_reads=-1"), ({"question_reads": True}, "question_reads=True"),
+     ({"in_context": True, "lora_rank": 2, "question_reads": 1}, "in_context.*question_reads")],
 )
 def test_bad_arguments(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -434,3 +436,39 @@ def test_a_non_finite_gradient_skips_its_update_and_a_run_of_them_stops(tmp_path
     _poison(mm, None)
     with pytest.raises(FloatingPointError, match="not finite at 10 steps in a row"):
         train(mm, TOK, small_cfg(curriculum=[1], steps_per_stage=20), tmp_path / "always", progress=False)
+
+
+def test_question_reads_write_the_question_never_the_answer_and_train(tmp_path, monkeypatch):
+    """``question_reads=1``: after the context the memory reads BOS + question (the answer positions masked out)
+    before the question is answered; the loss then differs from the plain one, training runs and resumes exactly."""
+    from gma6.model import MemoryModel
+    from gma6.training import _losses
+
+    cfg = small_cfg(question_reads=1, curriculum=[2], steps_per_stage=4)
+    batch = make_batch(cfg, 0, TOK, TOK.bos_token_id)
+    mm = fresh()
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    masks = []
+    real = MemoryModel.forward
+
+    def spy(self, *args, **kw):
+        masks.append(kw.get("attention_mask"))
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(MemoryModel, "forward", spy)
+    with torch.no_grad():
+        plain = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 0).answer
+        n_plain = len(masks)
+        hop = _losses(mm, batch, cfg.segment_length, TOK.bos_token_id, None, 0, question_reads=1).answer
+    assert len(masks) - n_plain == n_plain + 1  # one more pass: the question read
+    written = masks[n_plain + n_plain - 1]  # the pass before the question is answered
+    assert torch.equal(written, batch.question_mask & ~batch.answer_mask)
+    assert not bool((written & batch.answer_mask).any())
+    assert not torch.isclose(plain, hop)
+    monkeypatch.setattr(MemoryModel, "forward", real)
+    whole = fresh()
+    train(whole, TOK, cfg, tmp_path / "whole", progress=False)
+    resumed = resume_and_finish(cfg, tmp_path / "part", max_steps=2)
+    assert_same_memory(whole, resumed)

@@ -78,6 +78,9 @@ class TrainConfig:
             ``text_kl_segments`` segments from a fresh memory, at ``lm_positions`` random positions a
             segment. The stories' filler is plain prose; this keeps the memory from disturbing the
             base on the other kinds of text it will read.
+        question_reads: the memory writes the question (BOS + question, never the answer) this many times
+            after the context and before the question is answered (a second read hop; ``gma6 eval
+            --question-reads`` asks the same way).
         in_context: a ceiling, not a memory: the base reads ``BOS + context + question`` in one
             window with the memory switched off and only its LoRA trained (needs ``lora_rank``).
             What the base can learn of the tasks when it sees every fact at once.
@@ -109,6 +112,7 @@ class TrainConfig:
     text_kl_weight: float = 0.0
     text_kl_rows: int = 8
     text_kl_segments: int = 4
+    question_reads: int = 0
 
     def __post_init__(self) -> None:
         self.tasks = [check_task(t) for t in self.tasks]
@@ -125,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"curriculum={self.curriculum!r}: expected positive segment counts, e.g. [1, 2, 4, 8]")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"lr={self.lr!r}: expected a number in (0, 1)")
+        if isinstance(self.question_reads, bool) or not isinstance(self.question_reads, int) or self.question_reads < 0:
+            raise ValueError(f"question_reads={self.question_reads!r}: expected an int >= 0")
         if self.bptt_segments is not None and self.bptt_segments <= 0:
             raise ValueError(f"bptt_segments={self.bptt_segments!r}: expected a positive int or None")
         for name in ("warmup_steps", "checkpoint_every", "lora_rank"):
@@ -142,10 +148,11 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip}: must be >= 0")
         if self.in_context and (self.lora_rank == 0 or self.lm_weight or self.kl_weight or self.bptt_segments
-                                or self.distill_weight or self.select_weight or self.text_kl_weight):
+                                or self.distill_weight or self.select_weight or self.text_kl_weight
+                                or self.question_reads):
             raise ValueError("in_context trains the base's LoRA on whole-context prompts: it needs lora_rank > 0 and "
-                             "takes no lm_weight, kl_weight, distill_weight, select_weight, text_kl_weight or "
-                             "bptt_segments")
+                             "takes no lm_weight, kl_weight, distill_weight, select_weight, text_kl_weight, "
+                             "question_reads or bptt_segments")
 
     @property
     def total_steps(self) -> int:
@@ -225,13 +232,15 @@ def _identity(item: StepData) -> StepData:
 
 
 def answer_loss(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
-                bptt_segments: int | None = None, lm_positions: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                bptt_segments: int | None = None, lm_positions: int = 0,
+                question_reads: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Read the context with the memory carried, then the loss and accuracy on the answer tokens.
 
     With ``lm_positions > 0`` the loss also holds the next-token loss of the context at that many
     random positions a segment (see ``context_lm_loss``), averaged with the answer loss by the caller.
     """
-    loss, acc, *_ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions)
+    loss, acc, *_ = _losses(model, batch, segment_length, bos_token_id, bptt_segments, lm_positions,
+                            question_reads=question_reads)
     return loss, acc
 
 
@@ -248,7 +257,7 @@ class Losses(NamedTuple):
 
 def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: int | None,
             bptt_segments: int | None, lm_positions: int, kl: bool = False, distill: bool = False,
-            select: bool = False) -> Losses:
+            select: bool = False, question_reads: int = 0) -> Losses:
     """Answer loss and accuracy; the context's next-token loss and KL to the bare base at
     ``lm_positions`` random positions a segment; with ``distill``, ``context_distill_loss`` of the
     question pass; with ``select``, the write's selection loss against ``batch.context_facts``."""
@@ -274,6 +283,10 @@ def _losses(model: nn.Module, batch: Batch, segment_length: int, bos_token_id: i
         state = out.memory_state
     if batch.question_source is not None:  # several questions about one read of a context
         state = state.select(batch.question_source)
+    question_only = batch.question_mask & ~batch.answer_mask  # BOS + question: the answer is never written
+    for _ in range(question_reads):
+        state = model(input_ids=batch.question, attention_mask=question_only, memory_state=state,
+                      logits_to_keep=1).memory_state
     answer_len = int(batch.answer_mask.sum(1).max())
     # Logits only where they predict answer tokens: the vocabulary is 262k wide.
     out = model(input_ids=batch.question, attention_mask=batch.question_mask, memory_state=state,
@@ -418,7 +431,7 @@ def context_terms(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
 
 @torch.no_grad()
 def validate(model: nn.Module, tokenizer: Any, tasks: list[str], length: int, n: int, segment_length: int,
-             seed: int = 0, batch_size: int = 32, in_context: bool = False) -> dict[str, float]:
+             seed: int = 0, batch_size: int = 32, in_context: bool = False, question_reads: int = 0) -> dict[str, float]:
     """Answer accuracy (every answer token right, teacher-forced) on ``n`` test samples a task.
 
     A quick check during and after training; ``gma6 eval`` is the benchmark (generation + scorer).
@@ -437,7 +450,7 @@ def validate(model: nn.Module, tokenizer: Any, tasks: list[str], length: int, n:
             if in_context:
                 _, acc = _in_context_losses(model, batch, bos)
             else:
-                _, acc = answer_loss(model, batch, segment_length, bos)
+                _, acc = answer_loss(model, batch, segment_length, bos, question_reads=question_reads)
             hits += float(acc) * len(chunk)
         result[task] = hits / n
     return result
@@ -531,7 +544,7 @@ def train(
             loss, acc, lm, kl, distill, select = _losses(
                 model, batch, cfg.segment_length, bos, cfg.bptt_segments,
                 cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0,
-                distill=cfg.distill_weight > 0, select=cfg.select_weight > 0)
+                distill=cfg.distill_weight > 0, select=cfg.select_weight > 0, question_reads=cfg.question_reads)
         total = loss
         if lm is not None and cfg.lm_weight:
             total = total + cfg.lm_weight * lm
@@ -626,7 +639,7 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     mine = dataclasses.asdict(cfg)
     fixed = ("tasks", "segment_length", "curriculum", "steps_per_stage", "batch_size", "seed", "num_facts", "lora_rank",
              "lm_weight", "lm_positions", "kl_weight", "questions_per_context", "in_context", "distill_weight",
-             "select_weight", "text_kl_weight", "text_kl_rows", "text_kl_segments")
+             "select_weight", "text_kl_weight", "text_kl_rows", "text_kl_segments", "question_reads")
     defaults = dataclasses.asdict(TrainConfig())  # fields added after a checkpoint was written
     diff = {k: (saved.get(k, defaults[k]), mine[k]) for k in fixed if saved.get(k, defaults[k]) != mine[k]}
     if diff:

@@ -52,6 +52,9 @@ def train(
     lm_positions: int = typer.Option(16, help="Random context positions a segment scored by that loss."),
     questions_per_context: int = typer.Option(
         1, help="Questions asked about each context read (its own + others its facts answer)."),
+    question_reads: int = typer.Option(
+        0, help="The memory writes the question (never the answer) this many times before it is answered "
+                "(a second read hop; evaluate with gma6 eval --question-reads)."),
     kl_weight: float = typer.Option(0.0, help="Weight of KL(bare || memory) at those positions (0 for a fresh memory)."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute the base's activations in backward."),
     distill_weight: float = typer.Option(
@@ -93,7 +96,7 @@ def train(
             steps_per_stage=steps_per_stage, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
-            questions_per_context=questions_per_context, in_context=in_context,
+            questions_per_context=questions_per_context, question_reads=question_reads, in_context=in_context,
             distill_weight=distill_weight, select_weight=select_weight, text_kl_weight=text_kl_weight,
             text_kl_rows=text_kl_rows, text_kl_segments=text_kl_segments,
         )
