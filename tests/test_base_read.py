@@ -528,8 +528,8 @@ def test_the_fused_read_with_grouped_keys_equals_sdpa_with_enable_gqa():
 
 @pytest.mark.parametrize("read_rank", [2, 0])  # the hook path (read adapters) and the attention function's site
 def test_the_attention_site_read_is_recomputed_in_backward_with_equal_gradients(read_rank):
-    """In training the read inside the attention keeps only its inputs and recomputes the rest in backward: the
-    gradients equal those of a read that keeps everything, and backward keeps fewer bytes."""
+    """In training the read inside the attention and the write keep only their inputs and recompute the rest in
+    backward: the gradients equal those of a step that keeps everything, and backward keeps fewer bytes."""
     from torch.autograd.graph import saved_tensors_hooks
 
     g = torch.Generator().manual_seed(0)
@@ -561,6 +561,20 @@ def test_the_attention_site_read_is_recomputed_in_backward_with_equal_gradients(
         ref, full = step()
     finally:
         MemoryModel._recomputed = kept
+    # the write too: with no checkpoint at all, more bytes again and the same gradients
+    import torch.utils.checkpoint as ckpt
+
+    real = ckpt.checkpoint
+    try:
+        ckpt.checkpoint = lambda fn, *args, use_reentrant=None, **kw: fn(*args, **kw)
+        MemoryModel._recomputed = lambda self, read, *args: read(*args)
+        none, everything = step()
+    finally:
+        ckpt.checkpoint = real
+        MemoryModel._recomputed = kept
+    assert full < everything
+    for name in ref:
+        assert torch.allclose(none[name], recomputed[name], atol=1e-6), name
     assert ref.keys() == recomputed.keys() and len(ref) > 0
     for name in ref:
         assert torch.allclose(ref[name], recomputed[name], atol=1e-6), name

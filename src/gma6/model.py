@@ -443,7 +443,10 @@ class MemoryModel(MemoryWrapper):
             hiddens = self._written_hiddens(call)
             if write_targets is not None:
                 write_loss = self.controller.selection_loss(hiddens, mask, write_targets.bool())
-            if not return_stats and self._checkpointing():  # as for the read: recomputed in backward
+            # Recomputed in backward whenever a graph is built, as the read is (_recomputed): kept, the write's fp32
+            # copies of every token's hidden state (norm, scores) were the next largest part of a memory-only step's
+            # extra (this CPU, bf16: 282 of 426 MiB); the base's own checkpointing never covers it (outside its layers).
+            if not return_stats and torch.is_grad_enabled():
                 new_state, stats = torch.utils.checkpoint.checkpoint(
                     self.controller.write, state, hiddens, mask, False, full, use_reentrant=False)
             else:
