@@ -472,3 +472,30 @@ def test_question_reads_write_the_question_never_the_answer_and_train(tmp_path, 
     train(whole, TOK, cfg, tmp_path / "whole", progress=False)
     resumed = resume_and_finish(cfg, tmp_path / "part", max_steps=2)
     assert_same_memory(whole, resumed)
+
+
+def test_the_selection_loss_recomputed_in_backward_gives_the_same_value_and_gradients(monkeypatch):
+    """The write's selection loss keeps only its inputs in training (its fp32 scores are recomputed in backward)."""
+    import torch.utils.checkpoint as ckpt
+
+    base = tiny_gemma3(seed=0, vocab=128, hidden=32)
+    mm = attach_memory(base, GMA6Config(num_slots=8, memory_dim=None, num_heads=2, layers=[1], write_rule="tokens",
+                                        tokens_per_segment=4, read_rule="base", token_retention="priority"))
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    ids = torch.randint(3, 128, (2, 16))
+    targets = torch.rand(2, 16) > 0.5
+
+    def grads():
+        mm.zero_grad(set_to_none=True)
+        loss = mm(input_ids=ids, write_targets=targets).write_loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in mm.controller.named_parameters() if p.grad is not None}
+
+    loss, got = grads()
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *a, use_reentrant=None, **k: fn(*a, **k))
+    ref_loss, ref = grads()
+    assert torch.allclose(loss, ref_loss) and ref.keys() == got.keys() and len(ref) > 0
+    for name in ref:
+        assert torch.allclose(ref[name], got[name], atol=1e-6), name

@@ -442,7 +442,11 @@ class MemoryModel(MemoryWrapper):
         if write:
             hiddens = self._written_hiddens(call)
             if write_targets is not None:
-                write_loss = self.controller.selection_loss(hiddens, mask, write_targets.bool())
+                if torch.is_grad_enabled():  # its fp32 norm and scores of every token: recomputed, as the write's
+                    write_loss = torch.utils.checkpoint.checkpoint(
+                        self.controller.selection_loss, hiddens, mask, write_targets.bool(), use_reentrant=False)
+                else:
+                    write_loss = self.controller.selection_loss(hiddens, mask, write_targets.bool())
             # Recomputed in backward whenever a graph is built, as the read is (_recomputed): kept, the write's fp32
             # copies of every token's hidden state (norm, scores) were the next largest part of a memory-only step's
             # extra (this CPU, bf16: 282 of 426 MiB); the base's own checkpointing never covers it (outside its layers).
