@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
-import time
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
+from train_steps import TrainSteps, add_arguments
 
-import gma6
-from gma6.base import default_adapter
 from gma6.io import atomic_write_text
-from gma6.model import split_segments
 
 
 def saved_bytes(step, device: torch.device) -> tuple[int, dict[str, float], float | None]:
@@ -62,58 +55,17 @@ def _top(groups: dict[str, float], n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapter", default=str(default_adapter()))
-    ap.add_argument("--model", default=None, help="base model (default: the embedded Gemma 3 270M)")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--segment", type=int, default=512)
-    ap.add_argument("--positions", type=int, default=16)
-    ap.add_argument("--device", default="cpu")
+    add_arguments(ap, batch=2, context=1024, positions=16, device="cpu")
     ap.add_argument("--top", type=int, default=12, help="largest saved-tensor groups to list")
     ap.add_argument("--out", default="results/train-saved-bytes-cpu.json")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    model, _ = gma6.load_base(args.model, progress=False, dtype=getattr(torch, args.dtype), device=device)
-    ids = torch.randint(0, 1000, (args.batch, args.context), device=device)
-    segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
-    pos = torch.linspace(0, args.segment - 2, args.positions, device=device).round().long().unique()
-
-    def loss_at(logits: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), seg_ids[:, pos + 1].flatten())
-
-    mm = gma6.load_adapter(model, args.adapter)
-
-    def memory_step() -> torch.Tensor:
-        state, loss = mm.init_state(args.batch), 0.0
-        for seg_ids, seg_mask in segs:
-            out = mm(input_ids=seg_ids, attention_mask=seg_mask, logits_to_keep=pos, memory_state=state)
-            state, loss = out.memory_state, loss + loss_at(out.logits, seg_ids)
-        return loss
-
-    memory, memory_groups, memory_peak = saved_bytes(memory_step, device)
-    base = mm.detach()
-    base.requires_grad_(False)  # detach() hands the base back as it came (a fresh load trains every weight)
-    probe = torch.nn.Parameter(torch.zeros((), device=device))
-    handle = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out + probe.to(out.dtype))
-
-    def frozen_step() -> torch.Tensor:
-        loss = 0.0
-        for seg_ids, seg_mask in segs:
-            loss = loss + loss_at(base(input_ids=seg_ids, attention_mask=seg_mask.long(), logits_to_keep=pos).logits, seg_ids)
-        return loss
-
-    try:
-        floor, floor_groups, floor_peak = saved_bytes(frozen_step, device)
-    finally:
-        handle.remove()
+    steps = TrainSteps(args)
+    memory, memory_groups, memory_peak = saved_bytes(steps.memory_loss, steps.device)
+    with steps.frozen_floor() as frozen_loss:
+        floor, floor_groups, floor_peak = saved_bytes(frozen_loss, steps.device)
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "device": device.type, "dtype": args.dtype,
-        "adapter": args.adapter, "batch": args.batch, "context": args.context, "segment": args.segment,
-        "positions": len(pos), "saved_mib": {"train_memory": round(memory / 2**20, 1), "train_frozen": round(floor / 2**20, 1)},
+        **steps.header(),
+        "saved_mib": {"train_memory": round(memory / 2**20, 1), "train_frozen": round(floor / 2**20, 1)},
         "train_memory_over_train_frozen": round(memory / floor, 4),
         "peak_gib": None if memory_peak is None else {"train_memory": round(memory_peak, 3), "train_frozen": round(floor_peak, 3)},
         "top_saved_mib": {"train_memory": _top(memory_groups, args.top), "train_frozen": _top(floor_groups, args.top)},

@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
+from train_steps import TrainSteps, add_arguments
 
-import gma6
-from gma6.base import default_adapter
 from gma6.io import atomic_write_text
-from gma6.model import split_segments
 
 
 def _sync(device: torch.device) -> None:
@@ -56,61 +50,23 @@ def profiled(step, device: torch.device, top: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--adapter", default=str(default_adapter()))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--context", type=int, default=4096)
-    ap.add_argument("--segment", type=int, default=512)
-    ap.add_argument("--positions", type=int, default=32)
+    add_arguments(ap, batch=8, context=4096, positions=32, device="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--out", default="results/train-profile.json")
     args = ap.parse_args()
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    model, _ = gma6.load_base(args.model, progress=False, dtype=getattr(torch, args.dtype), device=device)
-    ids = torch.randint(0, 1000, (args.batch, args.context), device=device)
-    segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
-    pos = torch.linspace(0, args.segment - 2, args.positions, device=device).round().long().unique()
-
-    def loss_at(logits: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), seg_ids[:, pos + 1].flatten())
-
-    mm = gma6.load_adapter(model, args.adapter)
-    opt = torch.optim.AdamW(mm.memory_parameters(), lr=1e-6)
+    steps = TrainSteps(args)
+    opt = torch.optim.AdamW(steps.mm.memory_parameters(), lr=1e-6)
 
     def memory_step() -> None:
-        state, loss = mm.init_state(args.batch), 0.0
-        for seg_ids, seg_mask in segs:
-            out = mm(input_ids=seg_ids, attention_mask=seg_mask, logits_to_keep=pos, memory_state=state)
-            state, loss = out.memory_state, loss + loss_at(out.logits, seg_ids)
-        loss.backward()
+        steps.memory_loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    memory = profiled(memory_step, device, args.top)
-    base = mm.detach()
-    base.requires_grad_(False)  # detach() hands the base back as it came (a fresh load trains every weight)
-    probe = torch.nn.Parameter(torch.zeros((), device=device))
-    handle = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out + probe.to(out.dtype))
-
-    def frozen_step() -> None:
-        loss = 0.0
-        for seg_ids, seg_mask in segs:
-            loss = loss + loss_at(base(input_ids=seg_ids, attention_mask=seg_mask.long(), logits_to_keep=pos).logits, seg_ids)
-        loss.backward()
-
-    try:
-        floor = profiled(frozen_step, device, args.top)
-    finally:
-        handle.remove()
+    memory = profiled(memory_step, steps.device, args.top)
+    with steps.frozen_floor() as frozen_loss:
+        floor = profiled(lambda: frozen_loss().backward(), steps.device, args.top)
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "date": time.strftime("%Y-%m-%d"),
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "device": device.type, "dtype": args.dtype, "adapter": args.adapter, "batch": args.batch,
-        "context": args.context, "segment": args.segment, "positions": len(pos),
-        "train_memory": memory, "train_frozen": floor,
+        **steps.header(), "train_memory": memory, "train_frozen": floor,
         "memory_over_frozen_seconds": round(memory["seconds"] / floor["seconds"], 3),
     }
     print(json.dumps({k: result[k] for k in ("memory_over_frozen_seconds",)}))

@@ -296,14 +296,8 @@ def _read_context(model: nn.Module, episodes: list[Episode], segment_length: int
 def _read_questions(model: nn.Module, episodes: list[Episode], segment_length: int, bos: int | None, pad: int,
                     state: Any) -> Any:
     """``state`` after the memory model has read each episode's question prompt (no answer) as a segment."""
-    prompts = [question_prompt(e, bos) for e in episodes]
-    width = max(map(len, prompts))
-    device = _param(model).device
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool, device=device)
-    for i, q in enumerate(prompts):
-        ids[i, :len(q)] = torch.tensor(q, dtype=torch.long)
-        mask[i, :len(q)] = True
+    # read() packs each row's real tokens first, so left padding reads as the prompt alone
+    ids, mask = _left_pad([question_prompt(e, bos) for e in episodes], pad, _param(model).device)
     return model.read(ids, segment_length=segment_length, memory_state=state, attention_mask=mask)
 
 

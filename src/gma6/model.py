@@ -293,14 +293,15 @@ class MemoryModel(MemoryWrapper):
         new = hidden + (delta if delta.dtype == hidden.dtype else delta.to(hidden.dtype))
         return (new, stats) if with_stats else new
 
-    def _recomputed(self, read: Any, *args: Any) -> torch.Tensor:
-        """``read(*args)``, its intermediates recomputed in backward where a graph is built and the base does not
-        recompute its layers already. Why: kept, the fused read's fp32 q-norm, RoPE and attention intermediates were
-        the largest part of what a memory-only training step keeps beyond the frozen base (H200, batch 8 x 4k:
-        about 6.5 GiB); recomputing them costs one more read forward a layer, a few small kernels."""
-        if torch.is_grad_enabled() and not self._checkpointing():
-            return torch.utils.checkpoint.checkpoint(read, *args, use_reentrant=False)
-        return read(*args)
+    def _recomputed(self, fn: Any, *args: Any, in_layer: bool = True) -> Any:
+        """``fn(*args)``, its intermediates recomputed in backward wherever a graph is built, unless ``in_layer`` (it
+        runs inside a decoder layer's forward) and the base recomputes its layers already. Why: kept, the read's fp32
+        q-norm, RoPE and attention intermediates and the write's fp32 norm and scores of every token were most of what
+        a memory-only training step keeps beyond the frozen base (H200, batch 8 x 4k: the read's about 6.5 GiB; this
+        CPU, bf16: the write's 282 of 426 MiB); recomputing them costs one more forward of these few kernels."""
+        if torch.is_grad_enabled() and not (in_layer and self._checkpointing()):
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def _checkpointing(self, slot: int | None = None) -> bool:
         """Whether the base recomputes (this hooked layer's / any hooked layer's) activations in backward now."""
@@ -442,19 +443,13 @@ class MemoryModel(MemoryWrapper):
         if write:
             hiddens = self._written_hiddens(call)
             if write_targets is not None:
-                if torch.is_grad_enabled():  # its fp32 norm and scores of every token: recomputed, as the write's
-                    write_loss = torch.utils.checkpoint.checkpoint(
-                        self.controller.selection_loss, hiddens, mask, write_targets.bool(), use_reentrant=False)
-                else:
-                    write_loss = self.controller.selection_loss(hiddens, mask, write_targets.bool())
-            # Recomputed in backward whenever a graph is built, as the read is (_recomputed): kept, the write's fp32
-            # copies of every token's hidden state (norm, scores) were the next largest part of a memory-only step's
-            # extra (this CPU, bf16: 282 of 426 MiB); the base's own checkpointing never covers it (outside its layers).
-            if not return_stats and torch.is_grad_enabled():
-                new_state, stats = torch.utils.checkpoint.checkpoint(
-                    self.controller.write, state, hiddens, mask, False, full, use_reentrant=False)
-            else:
-                new_state, stats = self.controller.write(state, hiddens, mask, return_stats, full)
+                write_loss = self._recomputed(self.controller.selection_loss, hiddens, mask, write_targets.bool(),
+                                              in_layer=False)
+            if return_stats:
+                new_state, stats = self.controller.write(state, hiddens, mask, True, full)
+            else:  # outside the layers: the base's own checkpointing never covers it
+                new_state, stats = self._recomputed(self.controller.write, state, hiddens, mask, False, full,
+                                                    in_layer=False)
             if return_stats:
                 for i, st in enumerate(stats):
                     st.update(call.stats.get(i, {}))

@@ -1,0 +1,87 @@
+"""The two training steps ``train_saved_bytes.py`` and ``train_step_profile.py`` compare, over the same random
+tokens and loss as ``gma6 bench``'s training rows (next-token loss at ``positions`` evenly spread positions a
+segment): the memory-only step, and the frozen floor (``gma6 bench``'s ``train_frozen``: the bare base's forward
+and backward down to its embeddings, a free adapter there)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import gma6
+from gma6.base import default_adapter
+from gma6.model import split_segments
+
+
+def add_arguments(ap: argparse.ArgumentParser, batch: int, context: int, positions: int, device: str) -> None:
+    ap.add_argument("--model", default=None, help="base model (default: the embedded Gemma 3 270M)")
+    ap.add_argument("--adapter", default=str(default_adapter()))
+    ap.add_argument("--device", default=device)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--context", type=int, default=context)
+    ap.add_argument("--segment", type=int, default=512)
+    ap.add_argument("--positions", type=int, default=positions)
+
+
+class TrainSteps:
+    """The base with ``args.adapter`` attached, the segments and the loss positions (seed 0)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        torch.manual_seed(0)
+        self.args = args
+        self.device = torch.device(args.device)
+        model, _ = gma6.load_base(args.model, progress=False, dtype=getattr(torch, args.dtype), device=self.device)
+        ids = torch.randint(0, 1000, (args.batch, args.context), device=self.device)
+        self.segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
+        self.pos = torch.linspace(0, args.segment - 2, args.positions, device=self.device).round().long().unique()
+        self.mm = gma6.load_adapter(model, args.adapter)
+
+    def _loss_at(self, logits: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), seg_ids[:, self.pos + 1].flatten())
+
+    def memory_loss(self) -> torch.Tensor:
+        """Every segment read with the memory carried; the summed loss (backward not taken)."""
+        state, loss = self.mm.init_state(self.args.batch), 0.0
+        for seg_ids, seg_mask in self.segs:
+            out = self.mm(input_ids=seg_ids, attention_mask=seg_mask, logits_to_keep=self.pos, memory_state=state)
+            state, loss = out.memory_state, loss + self._loss_at(out.logits, seg_ids)
+        return loss
+
+    @contextmanager
+    def frozen_floor(self) -> Iterator[Callable[[], torch.Tensor]]:
+        """Detach the memory (for good) and yield the floor's loss function, the base frozen."""
+        base = self.mm.detach()
+        base.requires_grad_(False)  # detach() hands the base back as it came (a fresh load trains every weight)
+        probe = torch.nn.Parameter(torch.zeros((), device=self.device))
+        handle = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out + probe.to(out.dtype))
+
+        def loss() -> torch.Tensor:
+            total = 0.0
+            for seg_ids, seg_mask in self.segs:
+                out = base(input_ids=seg_ids, attention_mask=seg_mask.long(), logits_to_keep=self.pos)
+                total = total + self._loss_at(out.logits, seg_ids)
+            return total
+
+        try:
+            yield loss
+        finally:
+            handle.remove()
+
+    def header(self) -> dict[str, Any]:
+        """What every result file starts with: command, date, machine and the step's shape."""
+        a, d = self.args, self.device
+        return {
+            "command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "date": time.strftime("%Y-%m-%d"),
+            "machine": torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine(),
+            "device": d.type, "dtype": a.dtype, "adapter": a.adapter, "batch": a.batch, "context": a.context,
+            "segment": a.segment, "positions": len(self.pos),
+        }
