@@ -73,6 +73,40 @@ def test_the_read_inside_the_attention_is_the_residual_reads_before_its_o_projec
     assert 0 < float(stats["read_sink"].min()) < 1
 
 
+def test_a_query_change_after_the_norm_is_added_to_the_normed_queries_and_rotated_with_them():
+    """``query_after_norm``: the read's queries are ``RoPE(qnorm(W_q x) + A x)`` in every path: the residual read,
+    the read inside the attention (through the o projection and output norm equal to it) and the fused read."""
+    from gma6.memory.layer import LowRank
+
+    layer, read, slots, view = _layer_read()
+    after = BaseAttentionRead(layer, read.rotary, query_after_norm=True)
+    s, t, hidden = slots.shape[1], view.shape[1], slots.shape[2]
+    usage, sink = torch.randn(2, s), torch.tensor(0.3)
+    qa = LowRank(hidden, 2, read.width)
+    torch.nn.init.normal_(qa.up.weight, std=0.3)
+    gate = torch.full((hidden,), 30.0)
+    with torch.no_grad():
+        got, _ = after(view, slots, usage, None, gate, sink, q_adapter=qa)
+        # by hand: the change added after the q-norm, before RoPE
+        q = read.queries(layer.self_attn.q_proj(view), None, s)
+        pos = torch.arange(t)[None] + s
+        cos, sin = read.rotary(view, pos, layer.self_attn.layer_type)
+        change = qa(view).view(2, t, -1, read.head_dim).transpose(1, 2)
+        change = change * cos[:, None] + torch.cat([-change[..., change.shape[-1] // 2:],
+                                                    change[..., : change.shape[-1] // 2]], -1) * sin[:, None]
+        k, v = read.slot_keys_values(slots, view.dtype)
+        by_hand, _ = read.attend(q + change, k, v, usage, sink)
+        want = layer.post_attention_layernorm(layer.self_attn.o_proj(by_hand))
+        before, _ = read(view, slots, usage, None, gate, sink, q_adapter=qa)
+        inside, _ = after.in_attention(layer.self_attn.q_proj(view), view, (k, v), usage, None,
+                                       torch.full((read.width,), 30.0), sink, q_adapter=qa)
+        fused = after.fused_read(layer.self_attn.q_proj(view), view, after.prepare_slots(slots, usage, sink, view.dtype),
+                                 None, qa)
+    assert torch.allclose(got, want, atol=1e-5) and (before - got).abs().max() > 1e-3
+    assert torch.allclose(layer.post_attention_layernorm(layer.self_attn.o_proj(inside)), want, atol=1e-5)
+    assert torch.allclose(add_read(torch.zeros_like(inside), fused, torch.ones(read.width)), inside, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_read_equals_the_explicit_one(dtype):
     """``prepare_slots`` + ``fused_read`` (one SDPA call, the sink as a zero key and value, grouped queries
@@ -526,14 +560,16 @@ def test_the_fused_read_with_grouped_keys_equals_sdpa_with_enable_gqa():
     assert torch.allclose(g1, g2, atol=1e-5)
 
 
-@pytest.mark.parametrize("read_rank", [2, 0])  # the hook path (read adapters) and the attention function's site
-def test_the_attention_site_read_is_recomputed_in_backward_with_equal_gradients(read_rank):
+# the hook path (read adapters before the q-norm) and the attention function's site (none, or after the q-norm)
+@pytest.mark.parametrize("read_rank,read_query", [(2, "before_norm"), (0, "before_norm"), (2, "after_norm")])
+def test_the_attention_site_read_is_recomputed_in_backward_with_equal_gradients(read_rank, read_query):
     """In training the read inside the attention and the write keep only their inputs and recompute the rest in
     backward: the gradients equal those of a step that keeps everything, and backward keeps fewer bytes."""
     from torch.autograd.graph import saved_tensors_hooks
 
     g = torch.Generator().manual_seed(0)
-    mm = attach_memory(tiny_gemma3(), _config(read_rank=read_rank, read_site="attention"))
+    mm = attach_memory(tiny_gemma3(), _config(read_rank=read_rank, read_site="attention", read_query=read_query))
+    assert (mm._sites is not None) == (read_rank == 0 or read_query == "after_norm")
     with torch.no_grad():
         for p in mm.controller.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.3)

@@ -81,15 +81,56 @@ def test_a_read_with_its_own_query_adapter_keeps_the_hooks():
     assert mm._sites is None and base.config._attn_implementation == "sdpa"
 
 
+def test_a_query_adapter_after_the_norm_reads_through_the_attention_function():
+    """read_query="after_norm": the fast path (the base's finished queries plus the adapter's change, rotated alone)
+    equals the hooks' fused read on an eager base and the explicit read of the statistics; left padding (positions
+    that are not 0..T-1) included. It is not the before-norm kind with the same weights."""
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :3] = False
+    sdpa = tiny_gemma3(layers=4).float()
+    eager = tiny_gemma3(layers=4).float()
+    eager.config._attn_implementation = "eager"
+    a, b = _trained(sdpa, read_rank=2, read_query="after_norm"), _trained(eager, read_rank=2, read_query="after_norm")
+    assert a._sites is not None and b._sites is None
+    assert all(m.read_q.up.weight.abs().sum() > 0 for m in a.controller.layers)
+    with torch.no_grad():
+        state = a(input_ids=ids[:, :8], attention_mask=mask[:, :8]).memory_state
+        got = a(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+        want = b(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+        explicit = a(input_ids=ids[:, 8:], memory_state=state, write=False, return_stats=True).logits
+        padded = a(input_ids=ids, attention_mask=mask, memory_state=state, write=False).logits
+        padded_eager = b(input_ids=ids, attention_mask=mask, memory_state=state, write=False).logits
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got, explicit, atol=1e-5)
+    assert torch.allclose(padded[mask], padded_eager[mask], atol=1e-5)
+    before = _trained(tiny_gemma3(layers=4).float(), read_rank=2)
+    before.controller.load_state_dict(a.controller.state_dict())
+    with torch.no_grad():
+        other = before(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+    assert (other - got).abs().max() > 1e-3
+
+
+def test_read_query_is_checked():
+    with pytest.raises(ValueError, match="read_query='within'"):
+        _config(read_rank=2, read_query="within")
+    with pytest.raises(ValueError, match="needs read_rank > 0"):
+        _config(read_query="after_norm")
+
+
 def test_gradients_and_checkpointing_through_the_attention_function():
     """Memory gradients equal with and without the base's gradient checkpointing (the site runs again in
     the recomputation), and equal the hook path's."""
     ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    for kind in ({}, {"read_rank": 2, "read_query": "after_norm"}):
+        _grads_agree(ids, kind)
+
+
+def _grads_agree(ids, kind):
     grads = []
     for impl, ckpt in (("sdpa", False), ("sdpa", True), ("eager", False)):
         base = tiny_gemma3(layers=4).float()
         base.config._attn_implementation = impl
-        mm = _trained(base, gradient_checkpointing=ckpt)
+        mm = _trained(base, gradient_checkpointing=ckpt, **kind)
         mm.train()
         state = mm(input_ids=ids[:, :8]).memory_state
         mm(input_ids=ids[:, 8:], memory_state=state, labels=ids[:, 8:]).loss.backward()
@@ -100,10 +141,12 @@ def test_gradients_and_checkpointing_through_the_attention_function():
         assert torch.allclose(grads[0], g, atol=1e-5)
 
 
-def test_generate_reads_through_the_attention_function():
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2, "read_query": "after_norm"}])
+def test_generate_reads_through_the_attention_function(kind):
     base = tiny_gemma3(layers=4)
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(3))
-    mm = _trained(base)
+    mm = _trained(base, **kind)
+    assert mm._sites is not None
     state = mm(input_ids=ids).memory_state
     out = mm.generate(ids[:, :4], memory_state=state, max_new_tokens=5, do_sample=False)
     bare = base.generate(ids[:, :4], attention_mask=torch.ones_like(ids[:, :4]), max_new_tokens=5, do_sample=False)
@@ -124,8 +167,9 @@ def test_unsupported_implementations():
     assert base.config._attn_implementation == "eager"
 
 
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2, "read_query": "after_norm"}])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2"])
-def test_other_families_read_through_their_attention_function(family):
+def test_other_families_read_through_their_attention_function(family, kind):
     """Llama, Qwen2 and Mistral (no q/k norms, their own RoPE tables) read through the attention function and agree
     with the explicit read; Gemma 2's logit softcapping (which SDPA lacks) keeps the hooks."""
     from test_families import _family
@@ -136,7 +180,7 @@ def test_other_families_read_through_their_attention_function(family):
     impl = base.config._attn_implementation
     ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
     torch.manual_seed(5)
-    mm = attach_memory(base, _config(layers=[0, 1]))
+    mm = attach_memory(base, _config(layers=[0, 1], **kind))
     perturb(mm)
     try:
         assert (mm._sites is not None) == (family != "gemma2")

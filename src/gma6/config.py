@@ -15,6 +15,7 @@ ADDRESSING = ("content", "content+usage")
 WRITE_RULES = ("slots", "tokens")
 READ_RULES = ("memory", "base")
 READ_SITES = ("residual", "attention")
+READ_QUERIES = ("before_norm", "after_norm")
 RETENTIONS = ("recent", "priority")
 
 
@@ -60,6 +61,12 @@ class GMA6Config:
         read_rank: with ``read_rule="base"``, a low-rank adaptation (rank r, zero at start) of what the
             read's queries, keys and values are made from, ``x + U V x``: the memory's own, never the base's
             attention (the base reading its window is untouched). 0: none.
+        read_query: where the query's adaptation enters: "before_norm" (added to the q projection's output,
+            then q-normed and rotated with it) or "after_norm" (added after the base's q-norm and rotated with
+            its queries: ``RoPE(qnorm(W_q x) + U V x)``). "after_norm" lets ``read_site="attention"`` read from
+            the base's own finished queries (one RoPE of the change instead of the read's own q-norm and RoPE
+            of every query: the fast path); the two are different functions, so an adapter trained with one
+            is not the other.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.
         write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
@@ -90,6 +97,7 @@ class GMA6Config:
     token_retention: str = "recent"
     read_rule: str = "memory"
     read_rank: int = 0
+    read_query: str = "before_norm"
     read_site: str = "residual"
     usage_decay: float = 0.9
     usage_weight: float = 1.0
@@ -141,6 +149,10 @@ class GMA6Config:
             raise ValueError(f"read_site={self.read_site!r}: expected one of {READ_SITES}")
         if self.read_site != "residual" and self.read_rule != "base":
             raise ValueError(f"read_site={self.read_site!r} places the base read: it needs read_rule='base'")
+        if self.read_query not in READ_QUERIES:
+            raise ValueError(f"read_query={self.read_query!r}: expected one of {READ_QUERIES}")
+        if self.read_query != "before_norm" and not self.read_rank:
+            raise ValueError(f"read_query={self.read_query!r} places the read's query adaptation: it needs read_rank > 0")
         if self.read_rank and self.read_rule != "base":
             raise ValueError(f"read_rank={self.read_rank} adapts the base read: it needs read_rule='base'")
         if self.read_rule == "base" and (self.write_rule != "tokens" or self.memory_type != "gated"):

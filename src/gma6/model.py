@@ -81,11 +81,15 @@ class MemoryModel(MemoryWrapper):
         # base's own post-RoPE queries; the q/o projection hooks then serve only the statistics' explicit read
         self._sites: AttentionSites | None = None
         self._site_pending: set[int] = set()
+        # read_query="after_norm" on the fast path: per memory layer, the base's rotary tables (from entering its
+        # attention) and then the q projection's input, for the query adapter's change
+        self._site_query: dict[int, list] = {}
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
             # the base's modules are not the adapter's)
-            self._base_reads = ([BaseAttentionRead(decoder_layers[i + 1], find_rotary(base)) for i in self.config.layers]
+            after = self.config.read_query == "after_norm"
+            self._base_reads = ([BaseAttentionRead(decoder_layers[i + 1], find_rotary(base), after) for i in self.config.layers]
                                 if self.config.read_rule == "base" else None)
             width = self._base_reads[0].width if self._base_reads else None
             self.controller = MemoryController(self.config, width).to(self._base_device())
@@ -113,7 +117,8 @@ class MemoryModel(MemoryWrapper):
                     self._site_hooks.append(nxt.self_attn.q_proj.register_forward_hook(self._make_site_query(slot)))
                     self._site_hooks.append(nxt.self_attn.o_proj.register_forward_pre_hook(self._make_site_output(slot)))
                 attns = [decoder_layers[i + 1].self_attn for i in self.config.layers]
-                if (self.config.read_rank == 0 and all(r.fusable for r in self._base_reads)
+                if ((self.config.read_rank == 0 or self.config.read_query == "after_norm")
+                        and all(r.fusable for r in self._base_reads)
                         and all(supported(getattr(getattr(a, "config", None), "_attn_implementation", None)) for a in attns)):
                     self._sites = AttentionSites({a: self._make_site_rotated(slot) for slot, a in enumerate(attns)})
         except BaseException:
@@ -169,12 +174,15 @@ class MemoryModel(MemoryWrapper):
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             self._site_read.pop(slot, None)  # never a read left from a forward that failed
             self._site_pending.discard(slot)
+            self._site_query.pop(slot, None)
             call = kwargs.get(_CALL_KWARG) or self._call
             if call is None or self._disabled:
                 self._site.pop(slot, None)
             elif self._sites is not None and not call.return_stats:  # the attention function reads (_make_site_rotated)
                 self._site.pop(slot, None)
                 self._site_pending.add(slot)
+                if self.controller.layers[slot].read_q is not None:
+                    self._site_query[slot] = [kwargs.get("position_embeddings"), kwargs.get("position_ids")]
             else:
                 self._site[slot] = (call, kwargs.get("position_ids"))
 
@@ -183,6 +191,8 @@ class MemoryModel(MemoryWrapper):
     def _make_site_query(self, slot: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             ctx = self._site.pop(slot, None)
+            if slot in self._site_query and args:
+                self._site_query[slot].append(args[0])
             if ctx is None or not args:
                 return
             call, positions = ctx
@@ -233,7 +243,15 @@ class MemoryModel(MemoryWrapper):
                 if call.site_kv is not None and not torch.is_grad_enabled():  # as in _make_site_query
                     call.site_kv[(slot, "rotated")] = slots
             gate = call.site_gates[slot] if call.site_gates is not None else torch.tanh(layer.base_gate)
-            return add_read_heads(out, self._recomputed(read.read_rotated, query, slots), gate)
+            args: tuple = (query, slots)
+            if layer.read_q is not None:
+                got = self._site_query.pop(slot, None)
+                if got is None or len(got) != 3:
+                    raise RuntimeError("gma6: the read's query adapter did not see the q projection's input (the base's "
+                                       "attention no longer calls its q_proj module)")
+                embeddings, positions, view = got
+                args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope))
+            return add_read_heads(out, self._recomputed(read.read_rotated, *args), gate)
 
         return site
 

@@ -39,12 +39,14 @@ class BaseAttentionRead:
     copies (a plain object, so they never enter the adapter's ``state_dict``); the learned parts
     (gate, sink) are passed in by the memory layer that owns them."""
 
-    def __init__(self, layer: nn.Module, rotary: nn.Module | None) -> None:
+    def __init__(self, layer: nn.Module, rotary: nn.Module | None, query_after_norm: bool = False) -> None:
         attn = getattr(layer, "self_attn", None)
         if attn is None or not all(isinstance(getattr(attn, p, None), nn.Module) for p in _PROJECTIONS):
             raise TypeError(f"read_rule='base' needs a decoder layer with self_attn.{{{', '.join(_PROJECTIONS)}}}; "
                             f"{type(layer).__name__} has none")
         self.attn = attn
+        # GMA6Config.read_query: the query adapter's change added after the q-norm ("after_norm") or before it
+        self.query_after_norm = query_after_norm
         self.head_dim = int(getattr(attn, "head_dim"))
         # the q projection's width (heads x head width): what a read inside the attention adds to
         heads = getattr(getattr(attn, "config", None), "num_attention_heads", None)
@@ -152,13 +154,17 @@ class BaseAttentionRead:
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
         return k, v
 
-    def queries(self, q: torch.Tensor, positions: torch.Tensor | None, s: int, cache: dict | None = None) -> torch.Tensor:
-        """The q projection's output (B, T, n*d) as this layer's queries (B, n, T, d), q-normed and rotated
-        for ``positions + s`` (the segment reads the slots as the tokens just before it)."""
+    def queries(self, q: torch.Tensor, positions: torch.Tensor | None, s: int, cache: dict | None = None,
+                change: torch.Tensor | None = None) -> torch.Tensor:
+        """The q projection's output (B, T, n*d) as this layer's queries (B, n, T, d), q-normed (then
+        ``change`` (B, T, n*d) added, ``read_query="after_norm"``) and rotated for ``positions + s`` (the segment
+        reads the slots as the tokens just before it)."""
         b, t, _ = q.shape
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q = self.q_norm(q)
+        if change is not None:
+            q = q + change.view(b, t, -1, self.head_dim).transpose(1, 2).to(q.dtype)
         if positions is None:
             positions = torch.arange(t, device=q.device)[None]
         return self._rope(q, positions + s, cache, ("queries", s))
@@ -208,9 +214,10 @@ class BaseAttentionRead:
         Returns:
             ``(read_out, stats)``.
         """
-        q_in = view if q_adapter is None else view + q_adapter(view)
+        after = q_adapter is not None and self.query_after_norm
+        q_in = view if q_adapter is None or after else view + q_adapter(view)
         k, v = self.slot_keys_values(slots, view.dtype, k_adapter, cache, v_adapter)
-        q = self.queries(self.attn.q_proj(q_in), positions, slots.shape[1], cache)
+        q = self.queries(self.attn.q_proj(q_in), positions, slots.shape[1], cache, q_adapter(view) if after else None)
         read, stats = self.attend(q, k, v, log_usage, sink, return_stats)
         out = self.attn.o_proj(read)
         if self.post_norm is not None:
@@ -232,10 +239,14 @@ class BaseAttentionRead:
             view: that projection's input (B, T, H), for ``q_adapter`` (H -> n*d, added to ``q``).
             kv: ``slot_keys_values`` of the slots; gate: (n*d,) pre-tanh; the rest as ``__call__``.
         """
-        if q_adapter is not None:
+        change = None
+        if q_adapter is not None and self.query_after_norm:
+            change = q_adapter(view)
+        elif q_adapter is not None:
             q = q + q_adapter(view).to(q.dtype)
         k, v = kv
-        read, stats = self.attend(self.queries(q, positions, k.shape[2], cache), k, v, log_usage, sink, return_stats)
+        read, stats = self.attend(self.queries(q, positions, k.shape[2], cache, change), k, v, log_usage, sink,
+                                  return_stats)
         if return_stats:
             stats["output_gate"] = torch.tanh(gate.detach()).abs().mean().float().expand(q.shape[0])
         return torch.tanh(gate).to(read.dtype) * read, stats
@@ -279,11 +290,14 @@ class BaseAttentionRead:
         the attention output), from ``prepare_slots``' keys, values and mask (no statistics)."""
         b, t, _ = q.shape
         d = self.head_dim
-        if q_adapter is not None:
+        after = q_adapter is not None and self.query_after_norm
+        if q_adapter is not None and not after:
             q = q + q_adapter(view).to(q.dtype)
         q = q.view(b, t, -1, d)
         if self.q_norm is not None:
             q = self._norm(q, "q")
+        if after:
+            q = q + q_adapter(view).to(q.dtype).view(b, t, -1, d)
         q = q.transpose(1, 2)
         k, v, mask = prepared
         if k.dtype != q.dtype:  # autocast made q another dtype
@@ -297,6 +311,27 @@ class BaseAttentionRead:
             q = torch.addcmul(q * cos, q.roll(d // 2, dims=-1), ssin)
         return self._sdpa(q, k, v, mask)
 
+    def rotation_tables(
+        self, like: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
+        positions: torch.Tensor | None, cache: dict | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cos and signed sin (B or 1, 1, T, d) that rotated the base's queries at their positions p, in
+        ``like``'s dtype (``like``: the queries (B, n, T, d)): the base's own ``position_embeddings`` where its
+        attention was handed them, else this layer's rotary tables at ``positions`` (None: 0..T-1). None: no RoPE."""
+        if self.rotary is None and position_embeddings is None:
+            return None
+        if position_embeddings is None:
+            return self._cos_signed_sin(like, positions, cache, ("queries", 0))
+        cos, sin = position_embeddings
+        key = ("base_tables", id(cos), id(sin), like.dtype)
+        if cache is not None and key in cache:
+            return cache[key]
+        half = sin.shape[-1] // 2
+        out = (cos[:, None].to(like.dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, None].to(like.dtype))
+        if cache is not None:
+            cache[key] = out
+        return out
+
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The read's one SDPA call: q (B, n, T, d), k and v (B, g, S + 1, d), the additive mask (B, 1, 1, S + 1)."""
         if self.groups > 1:
@@ -308,10 +343,26 @@ class BaseAttentionRead:
             k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
 
-    def read_rotated(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def read_rotated(
+        self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        view: torch.Tensor | None = None, q_adapter: nn.Module | None = None,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """``fused_read`` from the base's own queries q (B, n, T, d), after its q-norm and RoPE at the tokens'
         positions p, and ``prepare_slots(rotated=True)``: RoPE scores depend on positions only through their
-        difference, so slots at -S..-1 against queries at p equal slots at 0..S-1 against queries at p + S."""
+        difference, so slots at -S..-1 against queries at p equal slots at 0..S-1 against queries at p + S.
+
+        With ``read_query="after_norm"``, ``q_adapter(view)`` (view: the q projection's input (B, T, H)) is added
+        rotated by ``tables`` (``rotation_tables``' cos and signed sin at p): RoPE is linear, so rotating the
+        change alone and adding it equals rotating the changed query."""
+        if q_adapter is not None:
+            b, t, _ = view.shape
+            d = self.head_dim
+            change = q_adapter(view).to(q.dtype).view(b, t, -1, d).transpose(1, 2)
+            if tables is not None:
+                cos, ssin = tables
+                change = torch.addcmul(change * cos, change.roll(d // 2, dims=-1), ssin)
+            q = q + change
         k, v, mask = prepared
         b = q.shape[0]
         if k.dtype != q.dtype:  # autocast made q another dtype
