@@ -160,7 +160,9 @@ def test_every_layers_slots_prepared_at_once_equal_each_layers_own(rank):
         stacked = mm._stacked.prepare(memory, usage, torch.stack([m.sink for m in layers]), torch.float32,
                                       adapters("read_k"), adapters("read_v"), {})
         for i, (read, m) in enumerate(zip(mm._base_reads, layers)):
-            want = read.prepare_slots(memory[:, i], usage[:, i], m.sink, torch.float32, m.read_k, m.read_v)
+            want = list(read.prepare_slots(memory[:, i], usage[:, i], m.sink, torch.float32, m.read_k, m.read_v))
+            # stacked, the keys and values come repeated over the query groups already (see _sdpa)
+            want[:2] = [x.repeat_interleave(read.groups, dim=1) for x in want[:2]]
             for a, b in zip(stacked[i], want):
                 assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
         assert mm._stacked.applies()
@@ -540,6 +542,24 @@ def test_the_read_adapter_keeps_no_fp32_copy_of_a_half_precision_input():
     assert lr.down.weight.grad is not None and lr.up.weight.grad.dtype == torch.float32
     ref = lr.up(lr.down(x.detach().float()))
     assert torch.allclose(y.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_the_read_adapters_cast_is_kept_without_autograd_until_the_weight_changes():
+    from gma6.memory.layer import LowRank
+
+    torch.manual_seed(0)
+    lr = LowRank(16, 2)
+    torch.nn.init.normal_(lr.up.weight)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = lr(x)
+        assert lr._weight(lr.up, torch.bfloat16) is lr._weight(lr.up, torch.bfloat16)  # cached
+        lr.up.weight.mul_(2)  # an optimizer step or a load_state_dict
+        second = lr(x)
+    assert torch.allclose(second.float(), 2 * first.float(), rtol=2e-2, atol=1e-2)
+    y = lr(x)  # with autograd: cast afresh, gradients reach the fp32 weights
+    y.float().sum().backward()
+    assert lr.up.weight.grad is not None and torch.equal(y, second)
 
 
 def test_the_fused_read_with_grouped_keys_equals_sdpa_with_enable_gqa():

@@ -334,7 +334,7 @@ class BaseAttentionRead:
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The read's one SDPA call: q (B, n, T, d), k and v (B, g, S + 1, d), the additive mask (B, 1, 1, S + 1)."""
-        if self.groups > 1:
+        if self.groups > 1 and k.shape[1] != q.shape[1]:  # StackedSlots repeats every layer's at once
             # PyTorch's memory-efficient kernel takes an additive mask but not enable_gqa, and flash takes no mask:
             # with both, SDPA falls back to its math path, which upcasts to fp32 and keeps the attention weights
             # for backward (seen in a memory-only training step's saved tensors on the H200). The slots are few,
@@ -470,6 +470,9 @@ class StackedSlots:
         zero = k.new_zeros(n_layers, b, k.shape[2], 1, d)
         k = torch.cat([k, zero], dim=3)
         v = torch.cat([v, zero], dim=3)
+        if r0.groups > 1 and all(r.groups == r0.groups for r in self.reads):
+            # repeated over the query groups here for every layer at once (two kernels a segment, not two a layer: see _sdpa)
+            k, v = k.repeat_interleave(r0.groups, dim=2), v.repeat_interleave(r0.groups, dim=2)
         # Each layer's mask is a view into one tensor: its rows padded to a multiple of 8 entries, so every
         # layer's view starts 16-byte aligned (CUDA's memory-efficient SDPA fails with "misaligned address"
         # on a mask that does not, e.g. 129 entries a row at batch 1).

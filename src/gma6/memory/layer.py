@@ -26,7 +26,21 @@ class LowRank(nn.Module):
         # The weights (a few thousand entries) are cast, not x: a (B, T, H) input cast up to fp32 would keep an
         # fp32 copy of every token's hidden state for backward at every read (H200, batch 8 x 4k: 2.7 GiB of a
         # step's saved tensors).
-        return F.linear(F.linear(x, self.down.weight.to(x.dtype)), self.up.weight.to(x.dtype))
+        return F.linear(F.linear(x, self._weight(self.down, x.dtype)), self._weight(self.up, x.dtype))
+
+    def _weight(self, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+        """``linear``'s weight in ``dtype``; without autograd the cast is kept until the weight changes (a cast is a
+        kernel launch at every memory layer of every segment, what a launch-bound GPU pays for)."""
+        w = linear.weight
+        if w.dtype == dtype or torch.is_grad_enabled():
+            return w.to(dtype)
+        key = (dtype, w.device, w.data_ptr(), w._version)
+        cache = self.__dict__.setdefault("_casts", {})  # not a buffer: never saved, never moved
+        got = cache.get(id(linear))
+        if got is None or got[0] != key:
+            got = (key, w.detach().to(dtype))
+            cache[id(linear)] = got
+        return got[1]
 
 
 class EnhancedMemoryLayer(nn.Module):
