@@ -48,6 +48,22 @@ def _inputs(base: torch.nn.Module, tok, layers: list[int], tokens: int, seed: in
     return {i: torch.cat(v) for i, v in seen.items()}
 
 
+def fit_after_norm(read, adapter: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The up projection (n*d, r) for ``adapter`` acting after ``read``'s q-norm that best reproduces, over inputs x
+    (N, H), what it changed before the q-norm, and the share of that change's energy it explains."""
+    q = read.attn.q_proj(x)
+    n, d = q.shape[0], read.head_dim
+
+    def normed(t: torch.Tensor) -> torch.Tensor:
+        return read._norm(t.view(n, -1, d), "q").reshape(n, -1) if read.q_norm is not None else t
+
+    target = normed(q + adapter(x)) - normed(q)
+    z = torch.nn.functional.linear(x, adapter.down.weight.float())  # (N, r)
+    up = torch.linalg.lstsq(z, target).solution.T  # (n*d, r)
+    explained = 1 - float((z @ up.T - target).square().sum() / target.square().sum().clamp_min(1e-30))
+    return up, explained
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", required=True)
@@ -67,20 +83,10 @@ def main() -> None:
     fits = []
     with torch.no_grad():
         for slot, i in enumerate(nxt):
-            read, layer = mm._base_reads[slot], mm.controller.layers[slot]
-            x = x_by_layer[i]
-            q = read.attn.q_proj(x)
-            n, d = q.shape[0], read.head_dim
-
-            def normed(t: torch.Tensor) -> torch.Tensor:
-                return read._norm(t.view(n, -1, d), "q").reshape(n, -1) if read.q_norm is not None else t
-
-            target = normed(q + layer.read_q(x)) - normed(q)
-            z = torch.nn.functional.linear(x, layer.read_q.down.weight.float())  # (N, r)
-            up = torch.linalg.lstsq(z, target).solution.T  # (n*d, r)
-            explained = 1 - float((z @ up.T - target).square().sum() / target.square().sum().clamp_min(1e-30))
+            layer = mm.controller.layers[slot]
+            up, explained = fit_after_norm(mm._base_reads[slot], layer.read_q, x_by_layer[i])
             layer.read_q.up.weight.copy_(up.to(layer.read_q.up.weight.dtype))
-            fits.append({"layer": i - 1, "tokens": n, "explained": round(explained, 4)})
+            fits.append({"layer": i - 1, "tokens": x_by_layer[i].shape[0], "explained": round(explained, 4)})
             print(f"memory layer {i - 1}: {explained:.3f} of the change explained", flush=True)
     mm.config.read_query = "after_norm"
     out = mm.save_pretrained(args.out)

@@ -53,3 +53,38 @@ def test_growing_to_a_rank_not_above_the_adapters_is_refused(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPTS / "grow_read_rank.py"), "--adapter", str(tmp_path / "a"), "--rank", "2",
                         "--out", str(tmp_path / "b")], capture_output=True, text=True)
     assert r.returncode != 0 and "--rank must be larger" in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_the_after_norm_fit_reproduces_a_small_before_norm_change():
+    """convert_read_query's fit: for a small change before the q-norm (where the norm is nearly linear), the
+    after-norm adapter it fits reads nearly as the old one did."""
+    sys.path.insert(0, str(SCRIPTS))
+    from convert_read_query import fit_after_norm
+
+    torch.manual_seed(0)
+    base = tiny_gemma3(layers=4).float()
+    before = attach_memory(base, _config())
+    perturb(before)
+    with torch.no_grad():
+        for m in before.controller.layers:
+            m.read_q.up.weight.mul_(0.05)
+    x = torch.randn(512, base.config.hidden_size)
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        state = before(input_ids=ids[:, :8]).memory_state
+        want = before(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+        ups = [fit_after_norm(r, m.read_q, x) for r, m in zip(before._base_reads, before.controller.layers)]
+        weights = before.controller.state_dict()
+    before.detach()
+    assert all(e > 0.8 for _, e in ups)  # the norm's Jacobian also projects out q's own direction, which a fixed map cannot
+    after = attach_memory(base, _config(read_query="after_norm"))
+    after.controller.load_state_dict(weights)
+    with torch.no_grad():
+        for (up, _), m in zip(ups, after.controller.layers):
+            m.read_q.up.weight.copy_(up)
+        got = after(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+        for m in after.controller.layers:
+            m.read_q.up.weight.zero_()
+        plain = after(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+    # nearer the old adapter's logits than with no query change at all
+    assert (got - want).abs().mean() < 0.5 * (plain - want).abs().mean()
