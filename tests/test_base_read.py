@@ -107,6 +107,24 @@ def test_a_query_change_after_the_norm_is_added_to_the_normed_queries_and_rotate
     assert torch.allclose(add_read(torch.zeros_like(inside), fused, torch.ones(read.width)), inside, atol=1e-5)
 
 
+def test_the_base_rotation_tables_are_cached_only_for_the_same_tensors():
+    """``rotation_tables`` (the after-norm query change's RoPE): a cache shared by two forwards never hands the first's
+    tables to the second, even where the second's tensors are equal in shape (or reuse the first's memory)."""
+    layer, read, _, view = _layer_read()
+    q = torch.randn(2, 4, view.shape[1], read.head_dim)
+    cache: dict = {}
+    tables = []
+    for start in (0, 5):
+        pos = torch.arange(start, start + view.shape[1])[None]
+        cos, sin = read.rotary(view, pos, layer.self_attn.layer_type)
+        got = read.rotation_tables(q, (cos, sin), None, cache)
+        assert read.rotation_tables(q, (cos, sin), None, cache) is got  # the same tensors: cached
+        want = read._cos_signed_sin(q, pos, None, ())
+        assert all(torch.allclose(a, b) for a, b in zip(got, want))
+        tables.append(got)
+    assert not torch.allclose(tables[0][0], tables[1][0])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_fused_read_equals_the_explicit_one(dtype):
     """``prepare_slots`` + ``fused_read`` (one SDPA call, the sink as a zero key and value, grouped queries

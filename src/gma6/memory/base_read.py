@@ -323,13 +323,15 @@ class BaseAttentionRead:
         if position_embeddings is None:
             return self._cos_signed_sin(like, positions, cache, ("queries", 0))
         cos, sin = position_embeddings
-        key = ("base_tables", id(cos), id(sin), like.dtype)
-        if cache is not None and key in cache:
-            return cache[key]
+        # Hit only for the very tensors cached (held, so never another's recycled id): one call may span forwards.
+        key = ("base_tables", self.layer_type, like.dtype)
+        got = cache.get(key) if cache is not None else None
+        if got is not None and got[0] is cos and got[1] is sin:
+            return got[2]
         half = sin.shape[-1] // 2
         out = (cos[:, None].to(like.dtype), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, None].to(like.dtype))
         if cache is not None:
-            cache[key] = out
+            cache[key] = (cos, sin, out)
         return out
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
