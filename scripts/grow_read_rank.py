@@ -2,8 +2,10 @@
 """A saved adapter with its read adapters (``read_rank``) grown to a higher rank, computing the same function: each
 ``LowRank``'s down projection gets new rows (initialised as a fresh one would be) and its up projection new
 columns of zeros, so ``U V x`` is unchanged until training moves them. A start for training more read capacity.
+``--persistent-slots P`` adds P learned slots a layer (``GMA6Config.persistent_slots``, initialised as a fresh
+controller's: nearly unread at first, so nearly the same function).
 
-    python scripts/grow_read_rank.py --adapter DIR --rank 32 --out DIR2
+    python scripts/grow_read_rank.py --adapter DIR [--rank 32] [--persistent-slots 8] --out DIR2
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gma6.config import GMA6Config
+from gma6.memory.controller import MemoryController
 from gma6.io import atomic_write, atomic_write_text
 
 WEIGHTS = "memory_adapter.safetensors"
@@ -41,18 +44,39 @@ def grow(tensors: dict[str, torch.Tensor], rank: int, seed: int = 0) -> dict[str
     return out
 
 
+def _read_width(tensors: dict[str, torch.Tensor], config: GMA6Config) -> int | None:
+    """The attention-site read's width, from the saved gate (heads x head width)."""
+    if config.read_site != "attention":
+        return None
+    return int(next(v for k, v in tensors.items() if k.endswith("base_gate")).shape[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--adapter", required=True, type=Path)
-    ap.add_argument("--rank", required=True, type=int)
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--persistent-slots", type=int, default=None)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     config = GMA6Config.load(args.adapter)
-    if not 0 < config.read_rank < args.rank:
-        raise SystemExit(f"{args.adapter} has read_rank={config.read_rank}: --rank must be larger (and it must have one)")
-    tensors = grow(load_file(args.adapter / WEIGHTS), args.rank, args.seed)
-    config.read_rank = args.rank
+    if args.rank is None and args.persistent_slots is None:
+        raise SystemExit("give --rank and/or --persistent-slots")
+    tensors = load_file(args.adapter / WEIGHTS)
+    if args.rank is not None:
+        if not 0 < config.read_rank < args.rank:
+            raise SystemExit(f"{args.adapter} has read_rank={config.read_rank}: --rank must be larger (and it must have one)")
+        tensors = grow(tensors, args.rank, args.seed)
+        config.read_rank = args.rank
+    if args.persistent_slots is not None:
+        if config.persistent_slots or args.persistent_slots <= 0 or config.read_rule != "base":
+            raise SystemExit(f"--persistent-slots {args.persistent_slots}: needs a positive count and an adapter of the "
+                             f"base read without any (it has read_rule={config.read_rule!r}, "
+                             f"persistent_slots={config.persistent_slots})")
+        torch.manual_seed(args.seed)
+        config.persistent_slots = args.persistent_slots
+        fresh = MemoryController(config, _read_width(tensors, config)).state_dict()
+        tensors.update({k: v for k, v in fresh.items() if k.startswith("persistent")})
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / WEIGHTS, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
     config.save(args.out)

@@ -88,3 +88,19 @@ def test_the_after_norm_fit_reproduces_a_small_before_norm_change():
         plain = after(input_ids=ids[:, 8:], memory_state=state, write=False).logits
     # nearer the old adapter's logits than with no query change at all
     assert (got - want).abs().mean() < 0.5 * (plain - want).abs().mean()
+
+
+def test_persistent_slots_added_to_a_saved_adapter(tmp_path):
+    base = tiny_gemma3(layers=4).float()
+    mm = attach_memory(base, _config())
+    perturb(mm)
+    mm.save_pretrained(tmp_path / "a")
+    mm.detach()
+    subprocess.run([sys.executable, str(SCRIPTS / "grow_read_rank.py"), "--adapter", str(tmp_path / "a"),
+                    "--persistent-slots", "4", "--out", str(tmp_path / "b")], check=True)
+    grown = gma6.load_adapter(base, tmp_path / "b")
+    assert grown.config.persistent_slots == 4 and grown.config.read_rank == 2
+    assert grown.controller.persistent.shape[1] == 4 and grown.controller.persistent_logit[0].item() == -4.0
+    r = subprocess.run([sys.executable, str(SCRIPTS / "grow_read_rank.py"), "--adapter", str(tmp_path / "b"),
+                        "--persistent-slots", "4", "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    assert r.returncode != 0 and "persistent_slots=4" in r.stderr

@@ -67,6 +67,9 @@ class GMA6Config:
             the base's own finished queries (one RoPE of the change instead of the read's own q-norm and RoPE
             of every query: the fast path); the two are different functions, so an adapter trained with one
             is not the other.
+        persistent_slots: with ``read_rule="base"``, learned slots every read sees after the written ones (never
+            written, the same in every sample: a prefix the memory learns, as prefix tuning, without touching the
+            base). Each layer's persistent slots get one learned logit bias, starting at -4 (nearly unread). 0: none.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.
         write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
@@ -98,6 +101,7 @@ class GMA6Config:
     read_rule: str = "memory"
     read_rank: int = 0
     read_query: str = "before_norm"
+    persistent_slots: int = 0
     read_site: str = "residual"
     usage_decay: float = 0.9
     usage_weight: float = 1.0
@@ -153,6 +157,10 @@ class GMA6Config:
             raise ValueError(f"read_query={self.read_query!r}: expected one of {READ_QUERIES}")
         if self.read_query != "before_norm" and not self.read_rank:
             raise ValueError(f"read_query={self.read_query!r} places the read's query adaptation: it needs read_rank > 0")
+        if isinstance(self.persistent_slots, bool) or not isinstance(self.persistent_slots, int) or self.persistent_slots < 0:
+            raise ValueError(f"persistent_slots={self.persistent_slots!r}: expected a non-negative int")
+        if self.persistent_slots and self.read_rule != "base":
+            raise ValueError(f"persistent_slots={self.persistent_slots} are read by the base read: it needs read_rule='base'")
         if self.read_rank and self.read_rule != "base":
             raise ValueError(f"read_rank={self.read_rank} adapts the base read: it needs read_rule='base'")
         if self.read_rule == "base" and (self.write_rule != "tokens" or self.memory_type != "gated"):

@@ -446,8 +446,9 @@ class MemoryModel(MemoryWrapper):
             else:
                 base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
-        call = _Call(memory=state.memory, collect=write, return_stats=return_stats,
-                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=self._log_usage(state))
+        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state))
+        call = _Call(memory=memory, collect=write, return_stats=return_stats,
+                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=bias)
         if not return_stats:
             self._prepare_site(call, input_ids.shape[0])
         if self._pass_kwarg:
@@ -507,8 +508,9 @@ class MemoryModel(MemoryWrapper):
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
-        self._call = _Call(memory=state.memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
-                           log_usage=self._log_usage(state), rope=None)
+        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state))
+        self._call = _Call(memory=memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
+                           log_usage=bias, rope=None)
         self._prepare_site(self._call, input_ids.shape[0])
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)

@@ -40,6 +40,9 @@ def train(
         "before_norm", help="With --read-rank: where the query's change enters, before_norm (before the base's q-norm) or "
                             "after_norm (after it, rotated with the base's queries: with --read-site attention the "
                             "read then takes the base's finished queries, the fast path)."),
+    persistent_slots: int = typer.Option(
+        0, help="With --read-rule base: learned slots every read sees after the written ones (a learned prefix; "
+                "the base untouched; 0: none)."),
     usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
     tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on, round robin; a task named k times "
@@ -107,7 +110,7 @@ def train(
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
             write_rule=write_rule, tokens_per_segment=tokens_per_segment, token_retention=token_retention,
-            read_rule=read_rule, read_rank=read_rank, read_query=read_query, read_site=read_site, usage_decay=usage_decay,
+            read_rule=read_rule, read_rank=read_rank, read_query=read_query, persistent_slots=persistent_slots, read_site=read_site, usage_decay=usage_decay,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:

@@ -34,6 +34,9 @@ def layer_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.flatten(1, 2) @ w).unflatten(1, x.shape[1:3])
 
 
+PERSISTENT_LOGIT = -4.0  # the persistent slots' starting logit bias: read, but little
+
+
 class MemoryController(nn.Module):
     """Owns one ``EnhancedMemoryLayer`` per hooked decoder layer and the learned initial memory."""
 
@@ -62,10 +65,26 @@ class MemoryController(nn.Module):
             self.register_buffer("initial_memory", torch.zeros(len(self.layer_ids), config.num_slots, dim), persistent=False)
         else:
             self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
+        if config.persistent_slots:
+            # learned, never written: what every read sees after the written slots (random views, nearly unread at
+            # first through a low logit bias, so a trained adapter they are added to reads almost as before)
+            n = config.persistent_slots
+            self.persistent = nn.Parameter(torch.randn(len(self.layer_ids), n, dim))
+            self.persistent_logit = nn.Parameter(torch.full((len(self.layer_ids),), PERSISTENT_LOGIT))
         self._stack_cache: dict[str, tuple[tuple, dict[str, torch.Tensor]]] = {}
         # Where each parameter is registered: looked up afresh per call (a reassigned parameter is
         # seen), without ``parameters()``'s module walk, which costs more than the cached stacks save.
         self._param_slots = [(m, name) for m in self.modules() for name, p in m._parameters.items() if p is not None]
+
+    def read_inputs(self, memory: torch.Tensor, log_usage: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The slots a base read sees, memory (B, L, S, D) and their logit bias (B, L, S), with the persistent slots
+        (``GMA6Config.persistent_slots``) after the written ones: (B, L, S + P, D), (B, L, S + P)."""
+        if not self.config.persistent_slots or log_usage is None:
+            return memory, log_usage
+        b, n = memory.shape[0], self.config.persistent_slots
+        slots = self.persistent.to(memory.dtype)[None].expand(b, -1, -1, -1)
+        bias = self.persistent_logit.to(log_usage.dtype)[None, :, None].expand(b, -1, n)
+        return torch.cat([memory, slots], 2), torch.cat([log_usage, bias], 2)
 
     @property
     def shape(self) -> tuple[int, int, int]:
