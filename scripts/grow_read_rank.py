@@ -56,6 +56,9 @@ def main() -> None:
     ap.add_argument("--adapter", required=True, type=Path)
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--persistent-slots", type=int, default=None)
+    ap.add_argument("--persistent-logit", type=float, default=None,
+                    help="their starting logit bias (default the controller's, -4; lower: the grown adapter reads "
+                         "nearer the original)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -77,6 +80,8 @@ def main() -> None:
         config.persistent_slots = args.persistent_slots
         fresh = MemoryController(config, _read_width(tensors, config)).state_dict()
         tensors.update({k: v for k, v in fresh.items() if k.startswith("persistent")})
+        if args.persistent_logit is not None:
+            tensors["persistent_logit"] = torch.full_like(tensors["persistent_logit"], args.persistent_logit)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out / WEIGHTS, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
     config.save(args.out)

@@ -197,7 +197,7 @@ def test_other_families_read_through_their_attention_function(family, kind):
 
 @pytest.mark.parametrize("kind", [{}, {"read_rank": 2, "read_query": "after_norm"}, {"read_site": "residual"}])
 def test_persistent_slots_are_read_by_every_path_trained_and_saved(tmp_path, kind):
-    """persistent_slots: learned slots after the written ones. A fresh memory's outputs are the bare base's (gate 0);
+    """persistent_slots: learned slots before the written ones. A fresh memory's outputs are the bare base's (gate 0);
     trained, even an empty memory reads them, the same through the attention function, the hooks (eager base) and
     the explicit read; gradients reach them and their logit bias; they round-trip through save and load."""
     import gma6

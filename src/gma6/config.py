@@ -67,7 +67,7 @@ class GMA6Config:
             the base's own finished queries (one RoPE of the change instead of the read's own q-norm and RoPE
             of every query: the fast path); the two are different functions, so an adapter trained with one
             is not the other.
-        persistent_slots: with ``read_rule="base"``, learned slots every read sees after the written ones (never
+        persistent_slots: with ``read_rule="base"``, learned slots every read sees before the written ones (never
             written, the same in every sample: a prefix the memory learns, as prefix tuning, without touching the
             base). Each layer's persistent slots get one learned logit bias, starting at -4 (nearly unread). 0: none.
         usage_decay: per-segment decay of the usage statistic.

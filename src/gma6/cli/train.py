@@ -41,7 +41,7 @@ def train(
                             "after_norm (after it, rotated with the base's queries: with --read-site attention the "
                             "read then takes the base's finished queries, the fast path)."),
     persistent_slots: int = typer.Option(
-        0, help="With --read-rule base: learned slots every read sees after the written ones (a learned prefix; "
+        0, help="With --read-rule base: learned slots every read sees before the written ones (a learned prefix; "
                 "the base untouched; 0: none)."),
     usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),

@@ -66,7 +66,7 @@ class MemoryController(nn.Module):
         else:
             self.initial_memory = nn.Parameter(initial_slots(len(self.layer_ids), config.num_slots, dim))
         if config.persistent_slots:
-            # learned, never written: what every read sees after the written slots (random views, nearly unread at
+            # learned, never written: what every read sees before the written slots (random views, nearly unread at
             # first through a low logit bias, so a trained adapter they are added to reads almost as before)
             n = config.persistent_slots
             self.persistent = nn.Parameter(torch.randn(len(self.layer_ids), n, dim))
@@ -78,13 +78,14 @@ class MemoryController(nn.Module):
 
     def read_inputs(self, memory: torch.Tensor, log_usage: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The slots a base read sees, memory (B, L, S, D) and their logit bias (B, L, S), with the persistent slots
-        (``GMA6Config.persistent_slots``) after the written ones: (B, L, S + P, D), (B, L, S + P)."""
+        (``GMA6Config.persistent_slots``) before the written ones: (B, L, P + S, D), (B, L, P + S). Before, so the
+        written slots keep their RoPE positions next to the segment (after, they would all move P further away)."""
         if not self.config.persistent_slots or log_usage is None:
             return memory, log_usage
         b, n = memory.shape[0], self.config.persistent_slots
         slots = self.persistent.to(memory.dtype)[None].expand(b, -1, -1, -1)
         bias = self.persistent_logit.to(log_usage.dtype)[None, :, None].expand(b, -1, n)
-        return torch.cat([memory, slots], 2), torch.cat([log_usage, bias], 2)
+        return torch.cat([slots, memory], 2), torch.cat([bias, log_usage], 2)
 
     @property
     def shape(self) -> tuple[int, int, int]:
