@@ -77,9 +77,8 @@ def main() -> None:
     if mm.config.read_query != "before_norm" or not mm.config.read_rank:
         raise SystemExit(f"{args.adapter}: expected read_query='before_norm' with read_rank > 0")
     nxt = [i + 1 for i in mm.config.layers]
-    mm.detach()  # the bare base's own states
-    x_by_layer = _inputs(base, tok, nxt, args.tokens, args.seed)
-    mm = gma6.load_adapter(base, args.adapter)
+    with mm.memory_disabled():  # the bare base's own states
+        x_by_layer = _inputs(base, tok, nxt, args.tokens, args.seed)
     fits = []
     with torch.no_grad():
         for slot, i in enumerate(nxt):

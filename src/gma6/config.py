@@ -19,6 +19,11 @@ READ_QUERIES = ("before_norm", "after_norm")
 RETENTIONS = ("recent", "priority")
 
 
+def _check_non_negative_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}={value!r}: expected a non-negative int")
+
+
 @dataclass
 class GMA6Config:
     """Configuration of a memory adapter.
@@ -147,8 +152,7 @@ class GMA6Config:
             raise ValueError(f"token_retention={self.token_retention!r}: expected one of {RETENTIONS}")
         if self.read_rule not in READ_RULES:
             raise ValueError(f"read_rule={self.read_rule!r}: expected one of {READ_RULES}")
-        if isinstance(self.read_rank, bool) or not isinstance(self.read_rank, int) or self.read_rank < 0:
-            raise ValueError(f"read_rank={self.read_rank!r}: expected a non-negative int")
+        _check_non_negative_int("read_rank", self.read_rank)
         if self.read_site not in READ_SITES:
             raise ValueError(f"read_site={self.read_site!r}: expected one of {READ_SITES}")
         if self.read_site != "residual" and self.read_rule != "base":
@@ -157,8 +161,7 @@ class GMA6Config:
             raise ValueError(f"read_query={self.read_query!r}: expected one of {READ_QUERIES}")
         if self.read_query != "before_norm" and not self.read_rank:
             raise ValueError(f"read_query={self.read_query!r} places the read's query adaptation: it needs read_rank > 0")
-        if isinstance(self.persistent_slots, bool) or not isinstance(self.persistent_slots, int) or self.persistent_slots < 0:
-            raise ValueError(f"persistent_slots={self.persistent_slots!r}: expected a non-negative int")
+        _check_non_negative_int("persistent_slots", self.persistent_slots)
         if self.persistent_slots and self.read_rule != "base":
             raise ValueError(f"persistent_slots={self.persistent_slots} are read by the base read: it needs read_rule='base'")
         if self.read_rank and self.read_rule != "base":
@@ -186,8 +189,7 @@ class GMA6Config:
             or self.max_memory_usage <= 0
         ):
             raise ValueError(f"max_memory_usage={self.max_memory_usage!r}: expected a positive number of GiB")
-        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 0:
-            raise ValueError(f"lora_rank={self.lora_rank!r}: expected a non-negative int")
+        _check_non_negative_int("lora_rank", self.lora_rank)
         if self.lora_alpha is not None and (isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float))
                                             or not self.lora_alpha > 0):
             raise ValueError(f"lora_alpha={self.lora_alpha!r}: expected a positive number or None")

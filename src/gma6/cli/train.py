@@ -110,7 +110,8 @@ def train(
         mcfg = GMA6Config(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
             write_rule=write_rule, tokens_per_segment=tokens_per_segment, token_retention=token_retention,
-            read_rule=read_rule, read_rank=read_rank, read_query=read_query, persistent_slots=persistent_slots, read_site=read_site, usage_decay=usage_decay,
+            read_rule=read_rule, read_rank=read_rank, read_query=read_query, persistent_slots=persistent_slots,
+            read_site=read_site, usage_decay=usage_decay,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )
     except ValueError as e:
