@@ -92,3 +92,18 @@ def test_the_structured_text_kl_term_from_the_command_line(tiny_checkpoint, tmp_
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON,
               "--text-kl-weight", "1", "--text-kl-rows", "0")
     assert r.returncode != 0 and "text_kl_rows=0" in r.stderr
+
+
+def test_persistent_slots_and_their_rate_from_the_command_line(tiny_checkpoint, tmp_path):  # noqa: F811
+    base_read = ["--write-rule", "tokens", "--read-rule", "base", "--memory-dim", "0", "--tokens-per-segment", "4",
+                 "--token-retention", "priority", "--layers", "0,1"]
+    _train(tiny_checkpoint, tmp_path / "p", "--curriculum", "1", *base_read, "--persistent-slots", "2",
+           "--persistent-lr", "0.05")
+    assert json.loads((tmp_path / "p" / "adapter" / "gma6_config.json").read_text())["persistent_slots"] == 2
+    assert json.loads((tmp_path / "p" / "adapter" / "training.json").read_text())["train_config"]["persistent_lr"] == 0.05
+    # from an adapter that has them: allowed; without any: refused before the model loads
+    _train(tiny_checkpoint, tmp_path / "q", "--curriculum", "1", "--init-adapter", str(tmp_path / "p" / "adapter"),
+           "--persistent-lr", "0.01")
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON, *base_read,
+              "--persistent-lr", "0.01")
+    assert r.returncode != 0 and "--persistent-lr needs persistent slots" in r.stderr

@@ -499,3 +499,35 @@ def test_the_selection_loss_recomputed_in_backward_gives_the_same_value_and_grad
     assert torch.allclose(loss, ref_loss) and ref.keys() == got.keys() and len(ref) > 0
     for name in ref:
         assert torch.allclose(ref[name], got[name], atol=1e-6), name
+
+
+def test_persistent_lr_puts_the_persistent_slots_in_their_own_group(tmp_path):
+    """persistent_lr: the persistent slots and their logit bias step at their own rate on the shared schedule;
+    every other trainable weight at lr. Refused where there are no persistent slots, and when not a rate."""
+    from gma6.training import parameter_groups
+
+    base = tiny_gemma3(seed=0, vocab=128, hidden=32)
+    mm = attach_memory(base, GMA6Config(num_slots=4, memory_dim=None, num_heads=2, layers=[0, 2], write_rule="tokens", tokens_per_segment=4,
+                                        read_rule="base", token_retention="priority", persistent_slots=2))
+    groups = parameter_groups(mm, small_cfg(lr=1e-3, persistent_lr=0.05))
+    assert [g["lr"] for g in groups] == [1e-3, 0.05]
+    assert {id(p) for p in groups[1]["params"]} == {id(mm.controller.persistent), id(mm.controller.persistent_logit)}
+    assert len(groups[0]["params"]) + 2 == len([p for p in mm.parameters() if p.requires_grad])
+    assert len(parameter_groups(mm, small_cfg(lr=1e-3))) == 1
+    # the larger rate moves the logit bias further in the same steps as the default would
+    moved = {}
+    for plr in (None, 0.1):
+        torch.manual_seed(0)
+        m = attach_memory(tiny_gemma3(seed=0, vocab=128, hidden=32),
+                          GMA6Config(num_slots=4, memory_dim=None, num_heads=2, layers=[0, 2], write_rule="tokens", tokens_per_segment=4,
+                                     read_rule="base", token_retention="priority", persistent_slots=2))
+        start = m.controller.persistent_logit.detach().clone()
+        train(m, TOK, small_cfg(curriculum=[1], steps_per_stage=4, lr=1e-3, persistent_lr=plr),
+              tmp_path / str(plr), progress=False)
+        moved[plr] = (m.controller.persistent_logit.detach() - start).abs().max().item()
+    assert moved[0.1] > 10 * moved[None] > 0, moved
+    with pytest.raises(ValueError, match="no trainable persistent slots"):
+        train(fresh(), TOK, small_cfg(persistent_lr=1e-2), tmp_path / "none", progress=False)
+    for bad in (0, 1.5, True, "1e-2"):
+        with pytest.raises(ValueError, match="persistent_lr="):
+            small_cfg(persistent_lr=bad)

@@ -52,6 +52,9 @@ class TrainConfig:
         batch_size: samples per step.
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW with linear warmup, cosine decay to
             ``lr * min_lr_ratio`` over the whole run.
+        persistent_lr: the learning rate of the persistent slots and their logit bias
+            (``GMA6Config.persistent_slots``) on the same schedule; None: ``lr``. Learned vectors of
+            unit scale moved from a near-zero logit want a larger step than the adapters beside them.
         grad_clip: max gradient norm (0 disables).
         bptt_segments: backpropagate through at most this many context segments (None: all).
         num_facts: facts per story (None: the task's default).
@@ -92,6 +95,7 @@ class TrainConfig:
     steps_per_stage: int = 200
     batch_size: int = 16
     lr: float = 1e-3
+    persistent_lr: float | None = None
     weight_decay: float = 0.0
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1
@@ -129,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"curriculum={self.curriculum!r}: expected positive segment counts, e.g. [1, 2, 4, 8]")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise ValueError(f"lr={self.lr!r}: expected a number in (0, 1)")
+        if self.persistent_lr is not None and not (
+                isinstance(self.persistent_lr, (int, float)) and not isinstance(self.persistent_lr, bool)
+                and 0 < self.persistent_lr < 1):
+            raise ValueError(f"persistent_lr={self.persistent_lr!r}: expected a number in (0, 1) or None")
         if isinstance(self.question_reads, bool) or not isinstance(self.question_reads, int) or self.question_reads < 0:
             raise ValueError(f"question_reads={self.question_reads!r}: expected an int >= 0")
         if self.bptt_segments is not None and self.bptt_segments <= 0:
@@ -467,6 +475,23 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+PERSISTENT_PARAMETERS = ("controller.persistent", "controller.persistent_logit")
+
+
+def parameter_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: one at ``cfg.lr``, and with ``cfg.persistent_lr`` the persistent slots and their
+    logit bias in a second group at that rate (the scheduler scales both alike)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.persistent_lr is None:
+        return [{"params": [p for _, p in named], "lr": cfg.lr}]
+    persistent = [p for n, p in named if n in PERSISTENT_PARAMETERS]
+    if not persistent:
+        raise ValueError(f"persistent_lr={cfg.persistent_lr} but the model has no trainable persistent slots "
+                         "(GMA6Config.persistent_slots = 0)")
+    rest = [p for n, p in named if n not in PERSISTENT_PARAMETERS]
+    return [{"params": rest, "lr": cfg.lr}, {"params": persistent, "lr": cfg.persistent_lr}]
+
+
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -510,7 +535,7 @@ def train(
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(cfg, s))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

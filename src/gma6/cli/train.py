@@ -52,6 +52,9 @@ def train(
     steps_per_stage: int = typer.Option(200, help="Optimizer steps per stage."),
     batch_size: int = typer.Option(16),
     lr: float = typer.Option(1e-3),
+    persistent_lr: Optional[float] = typer.Option(
+        None, help="Learning rate of the persistent slots and their logit bias (--persistent-slots, or an "
+                   "--init-adapter that has them); default: --lr."),
     warmup_steps: int = typer.Option(20),
     bptt: Optional[int] = typer.Option(None, help="Backpropagate through at most this many segments."),
     lora_rank: int = typer.Option(0, help="Co-train LoRA of this rank on the base (needs peft); 0: memory only."),
@@ -100,7 +103,7 @@ def train(
     try:
         tcfg = TrainConfig(
             tasks=split_list(tasks), segment_length=segment_length, curriculum=split_list(curriculum, int),
-            steps_per_stage=steps_per_stage, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+            steps_per_stage=steps_per_stage, batch_size=batch_size, lr=lr, persistent_lr=persistent_lr, warmup_steps=warmup_steps,
             bptt_segments=bptt, seed=seed, log_every=log_every, checkpoint_every=checkpoint_every, lora_rank=lora_rank,
             lm_weight=lm_weight, lm_positions=lm_positions, kl_weight=kl_weight,
             questions_per_context=questions_per_context, question_reads=question_reads, in_context=in_context,
@@ -126,6 +129,10 @@ def train(
             raise typer.BadParameter(f"--lora-rank={lora_rank} but {init_adapter} has lora_rank={saved.lora_rank}: "
                                      "leave --lora-rank out or give the adapter's rank")
         tcfg.lora_rank = saved.lora_rank  # recorded, and checked on resume
+    if persistent_lr is not None and not (
+            _adapter_config(init_adapter).persistent_slots if init_adapter is not None else persistent_slots):
+        raise typer.BadParameter("--persistent-lr needs persistent slots: give --persistent-slots, or an "
+                                 "--init-adapter that has them")
     dev = pick_device(device)
     base, tok = load(model, dev, pick_dtype(dtype, dev))
     if init_adapter is not None:
