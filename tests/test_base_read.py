@@ -580,6 +580,23 @@ def test_the_read_adapters_cast_is_kept_without_autograd_until_the_weight_change
     assert lr.up.weight.grad is not None and torch.equal(y, second)
 
 
+def test_the_read_adapters_made_under_inference_mode_read_a_half_precision_input():
+    """``evaluate`` loads the adapter under ``torch.inference_mode``: its weights are inference tensors (no version
+    counter). A bf16 read through them must work (it raised on the GPU, 2026-11-27) and follow a change in place."""
+    from gma6.memory.layer import LowRank
+
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        lr = LowRank(16, 2)
+        torch.nn.init.normal_(lr.up.weight)
+        x = torch.randn(3, 16, dtype=torch.bfloat16)
+        first = lr(x)
+        assert lr.up.weight.is_inference() and first.dtype == torch.bfloat16
+        assert torch.allclose(first.float(), lr.up(lr.down(x.float())), rtol=2e-2, atol=1e-2)
+        lr.up.weight.mul_(2)
+        assert torch.allclose(lr(x).float(), 2 * first.float(), rtol=2e-2, atol=1e-2)
+
+
 def test_the_fused_read_with_grouped_keys_equals_sdpa_with_enable_gqa():
     """The read repeats the slots' keys over the query groups (a fused kernel takes that with a mask); the
     result equals PyTorch's own grouped-query attention, gradients of the mask included."""

@@ -294,3 +294,24 @@ def test_question_reads_write_each_question_into_the_memory_before_it_is_asked(t
     assert int(hop_state[1]) - int(plain_state[1]) == 1
     with pytest.raises(ValueError, match="question_reads"):
         evaluate(tiny_model, tok, ["qa1"], ["0k"], 1, progress=False, question_reads=-1)
+
+
+def test_a_saved_read_adapter_on_a_half_precision_base(tiny_model, tok, tmp_path):
+    """An adapter folder is loaded under inference mode (its weights inference tensors): on a bf16 base its fp32
+    read adapters are cast at every read. The answers equal those of the same weights loaded outside."""
+    from gma6 import load_adapter
+
+    cfg = GMA6Config(num_slots=8, memory_dim=None, num_heads=2, layers=[0, 2], write_rule="tokens", tokens_per_segment=4, read_rule="base",
+                     token_retention="priority", read_rank=2, persistent_slots=2)
+    mm = attach_memory(tiny_model.to(torch.bfloat16), cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in mm.controller.parameters():
+            p.normal_(std=0.5)
+    mm.save_pretrained(tmp_path / "a")
+    base = mm.detach()
+    kw = dict(tasks=["qa1"], lengths=[120], n=3, segment_length=48, progress=False, systems=("memory",))
+    from_folder = evaluate(base, tok, adapter=tmp_path / "a", **kw)
+    passed_in = evaluate(load_adapter(base, tmp_path / "a"), tok, **kw)
+    assert from_folder["dtype"] == "bfloat16"
+    assert _answers(from_folder, "memory") == _answers(passed_in, "memory")

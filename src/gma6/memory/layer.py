@@ -32,7 +32,9 @@ class LowRank(nn.Module):
         """``linear``'s weight in ``dtype``; without autograd the cast is kept until the weight changes (a cast is a
         kernel launch at every memory layer of every segment, what a launch-bound GPU pays for)."""
         w = linear.weight
-        if w.dtype == dtype or torch.is_grad_enabled():
+        # An inference tensor (an adapter loaded under ``torch.inference_mode``, as ``evaluate`` does) has no version
+        # counter, so a change in place could not be seen: cast it afresh.
+        if w.dtype == dtype or torch.is_grad_enabled() or w.is_inference():
             return w.to(dtype)
         key = (dtype, w.device, w.data_ptr(), w._version)
         cache = self.__dict__.setdefault("_casts", {})  # not a buffer: never saved, never moved
