@@ -5,7 +5,7 @@ columns of zeros, so ``U V x`` is unchanged until training moves them. A start f
 ``--persistent-slots P`` adds P learned slots a layer (``GMA6Config.persistent_slots``, initialised as a fresh
 controller's: nearly unread at first, so nearly the same function).
 
-    python scripts/grow_read_rank.py --adapter DIR [--rank 32] [--persistent-slots 8] --out DIR2
+    python scripts/grow_read_rank.py --adapter DIR [--rank 32] [--persistent-slots 8 [--persistent-reads answer]] --out DIR2
 """
 from __future__ import annotations
 
@@ -59,12 +59,16 @@ def main() -> None:
     ap.add_argument("--persistent-logit", type=float, default=None,
                     help="their starting logit bias (default the controller's, -4; lower: the grown adapter reads "
                          "nearer the original)")
+    ap.add_argument("--persistent-reads", choices=("always", "answer"), default=None,
+                    help="when they are read (GMA6Config.persistent_reads; default always)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     config = GMA6Config.load(args.adapter)
     if args.rank is None and args.persistent_slots is None:
         raise SystemExit("give --rank and/or --persistent-slots")
+    if args.persistent_reads is not None and args.persistent_slots is None:
+        raise SystemExit("--persistent-reads says when --persistent-slots are read: give both")
     tensors = load_file(args.adapter / WEIGHTS)
     if args.rank is not None:
         if not 0 < config.read_rank < args.rank:
@@ -78,6 +82,8 @@ def main() -> None:
                              f"persistent_slots={config.persistent_slots})")
         torch.manual_seed(args.seed)
         config.persistent_slots = args.persistent_slots
+        if args.persistent_reads is not None:
+            config.persistent_reads = args.persistent_reads
         fresh = MemoryController(config, _read_width(tensors, config)).state_dict()
         tensors.update({k: v for k, v in fresh.items() if k.startswith("persistent")})
         if args.persistent_logit is not None:

@@ -231,7 +231,55 @@ def test_persistent_slots_are_read_by_every_path_trained_and_saved(tmp_path, kin
         assert torch.allclose(c(input_ids=ids[:, 8:], memory_state=state, write=False).logits, got, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", [{}, {"read_site": "residual"}])
+def test_persistent_slots_read_only_when_answering(kind):
+    """persistent_reads="answer": a read that writes (a document being read) never sees the persistent slots, so its
+    logits and written memory are those of the same weights without them; a read without a write and generate do
+    see them, and only those give their parameters gradients."""
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(0))
+    base = tiny_gemma3(layers=4).float()
+    a = _trained(base, persistent_slots=3, persistent_reads="answer", **kind)
+    with torch.no_grad():
+        a.controller.persistent_logit.fill_(2.0)  # read strongly, so that where they are read it shows
+        sd = {k: v.clone() for k, v in a.controller.state_dict().items()}
+        out = a(input_ids=ids[:, :8])
+        answered = a(input_ids=ids[:, 8:], memory_state=out.memory_state, write=False).logits
+        a.config.persistent_reads = "always"  # the same weights, read at every read
+        always = a(input_ids=ids[:, :8])
+        a.config.persistent_reads = "answer"
+    a.detach()
+    b = _trained(base, **kind)  # the same seed: the same weights, without persistent slots
+    b.controller.load_state_dict({k: v for k, v in sd.items() if not k.startswith("persistent")})
+    with torch.no_grad():
+        plain = b(input_ids=ids[:, :8])
+        assert torch.allclose(out.logits, plain.logits, atol=1e-6)
+        assert torch.allclose(out.memory_state.memory, plain.memory_state.memory, atol=1e-6)
+        assert (always.logits - plain.logits).abs().max() > 1e-3
+        unsteered = b(input_ids=ids[:, 8:], memory_state=plain.memory_state, write=False).logits
+    assert (answered - unsteered).abs().max() > 1e-3
+    b.detach()
+    a = _trained(base, persistent_slots=3, persistent_reads="answer", **kind)
+    a.controller.load_state_dict(sd)
+    a(input_ids=ids[:, :8], labels=ids[:, :8]).loss.backward()
+    assert a.controller.persistent.grad is None or a.controller.persistent.grad.abs().sum() == 0
+    state = a(input_ids=ids[:, :8]).memory_state
+    a(input_ids=ids[:, 8:], memory_state=state, write=False, labels=ids[:, 8:]).loss.backward()
+    assert a.controller.persistent.grad.abs().sum() > 0 and a.controller.persistent_logit.grad.abs().sum() > 0
+    with torch.no_grad():
+        gen = a.generate(ids[:1, 8:], memory_state=state.select(torch.tensor([0])), max_new_tokens=3, do_sample=False)
+        a.controller.persistent_logit.fill_(-1e4)  # not read at all
+        off = a.generate(ids[:1, 8:], memory_state=state.select(torch.tensor([0])), max_new_tokens=3, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+        a.controller.persistent_logit.fill_(2.0)
+        on = a.generate(ids[:1, 8:], memory_state=state.select(torch.tensor([0])), max_new_tokens=3, do_sample=False,
+                        output_logits=True, return_dict_in_generate=True)
+    assert gen.shape == (1, 9) and (on.logits[0] - off.logits[0]).abs().max() > 1e-3
+    a.detach()
+
+
 def test_persistent_slots_are_checked():
+    with pytest.raises(ValueError, match="persistent_reads='sometimes'"):
+        _config(persistent_slots=2, persistent_reads="sometimes")
     with pytest.raises(ValueError, match="persistent_slots=-1"):
         _config(persistent_slots=-1)
     with pytest.raises(ValueError, match="needs read_rule='base'"):

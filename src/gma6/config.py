@@ -16,6 +16,7 @@ WRITE_RULES = ("slots", "tokens")
 READ_RULES = ("memory", "base")
 READ_SITES = ("residual", "attention")
 READ_QUERIES = ("before_norm", "after_norm")
+PERSISTENT_READS = ("always", "answer")
 RETENTIONS = ("recent", "priority")
 
 
@@ -75,6 +76,10 @@ class GMA6Config:
         persistent_slots: with ``read_rule="base"``, learned slots every read sees before the written ones (never
             written, the same in every sample: a prefix the memory learns, as prefix tuning, without touching the
             base). Each layer's persistent slots get one learned logit bias, starting at -4 (nearly unread). 0: none.
+        persistent_reads: when the persistent slots are read: "always" (every read), or "answer" (only where the memory
+            is read without being written: a ``write=False`` forward and ``generate``, i.e. when the model answers
+            from its memory). With "answer" the reading of a document, and so the base's next-token predictions
+            over it, is untouched by them: a steer for answering that costs ordinary text nothing.
         usage_decay: per-segment decay of the usage statistic.
         usage_weight: how strongly "content+usage" favours little-used slots.
         write_threshold: a slot counts as written (its age resets) when its mean input gate exceeds this.
@@ -107,6 +112,7 @@ class GMA6Config:
     read_rank: int = 0
     read_query: str = "before_norm"
     persistent_slots: int = 0
+    persistent_reads: str = "always"
     read_site: str = "residual"
     usage_decay: float = 0.9
     usage_weight: float = 1.0
@@ -164,6 +170,8 @@ class GMA6Config:
         _check_non_negative_int("persistent_slots", self.persistent_slots)
         if self.persistent_slots and self.read_rule != "base":
             raise ValueError(f"persistent_slots={self.persistent_slots} are read by the base read: it needs read_rule='base'")
+        if self.persistent_reads not in PERSISTENT_READS:
+            raise ValueError(f"persistent_reads={self.persistent_reads!r}: expected one of {PERSISTENT_READS}")
         if self.read_rank and self.read_rule != "base":
             raise ValueError(f"read_rank={self.read_rank} adapts the base read: it needs read_rule='base'")
         if self.read_rule == "base" and (self.write_rule != "tokens" or self.memory_type != "gated"):

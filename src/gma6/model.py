@@ -446,7 +446,7 @@ class MemoryModel(MemoryWrapper):
             else:
                 base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
-        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state))
+        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state), answering=not write)
         call = _Call(memory=memory, collect=write, return_stats=return_stats,
                      kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=bias)
         if not return_stats:
@@ -508,7 +508,7 @@ class MemoryModel(MemoryWrapper):
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
-        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state))
+        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state), answering=True)
         self._call = _Call(memory=memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
                            log_usage=bias, rope=None)
         self._prepare_site(self._call, input_ids.shape[0])

@@ -43,6 +43,9 @@ def train(
     persistent_slots: int = typer.Option(
         0, help="With --read-rule base: learned slots every read sees before the written ones (a learned prefix; "
                 "the base untouched; 0: none)."),
+    persistent_reads: str = typer.Option(
+        "always", help="When the persistent slots are read: always, or answer (only when the model answers from its "
+                       "memory, never while it reads a document)."),
     usage_decay: float = typer.Option(0.9, help="Per-segment decay of a slot's usage (priority retention, base read's recency)."),
     layers: Optional[str] = typer.Option(None, help="Decoder layers with memory, e.g. 3,8,12,17 (default: a spread)."),
     tasks: str = typer.Option("qa1,qa2,qa3,qa4,qa5", help="Tasks to train on, round robin; a task named k times "
@@ -114,6 +117,7 @@ def train(
             memory_type=memory, num_slots=slots, memory_dim=memory_dim or None, num_heads=heads, addressing=addressing,
             write_rule=write_rule, tokens_per_segment=tokens_per_segment, token_retention=token_retention,
             read_rule=read_rule, read_rank=read_rank, read_query=read_query, persistent_slots=persistent_slots,
+            persistent_reads=persistent_reads,
             read_site=read_site, usage_decay=usage_decay,
             layers=split_list(layers, int) if layers else None, gradient_checkpointing=gradient_checkpointing,
         )

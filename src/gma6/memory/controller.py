@@ -76,11 +76,16 @@ class MemoryController(nn.Module):
         # seen), without ``parameters()``'s module walk, which costs more than the cached stacks save.
         self._param_slots = [(m, name) for m in self.modules() for name, p in m._parameters.items() if p is not None]
 
-    def read_inputs(self, memory: torch.Tensor, log_usage: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def read_inputs(
+        self, memory: torch.Tensor, log_usage: torch.Tensor | None, answering: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The slots a base read sees, memory (B, L, S, D) and their logit bias (B, L, S), with the persistent slots
         (``GMA6Config.persistent_slots``) before the written ones: (B, L, P + S, D), (B, L, P + S). Before, so the
-        written slots keep their RoPE positions next to the segment (after, they would all move P further away)."""
+        written slots keep their RoPE positions next to the segment (after, they would all move P further away).
+        ``answering``: the memory is read without being written (``persistent_reads="answer"`` reads them only then)."""
         if not self.config.persistent_slots or log_usage is None:
+            return memory, log_usage
+        if self.config.persistent_reads == "answer" and not answering:
             return memory, log_usage
         b, n = memory.shape[0], self.config.persistent_slots
         slots = self.persistent.to(memory.dtype)[None].expand(b, -1, -1, -1)
