@@ -52,3 +52,22 @@ def test_shipped_adapter_loads_onto_the_embedded_default(real_gemma):
         finally:
             mm.detach()
         assert torch.equal(model(input_ids=ids, logits_to_keep=1).logits, ref)
+
+
+def test_shipped_adapter_answers_on_a_half_precision_copy(real_gemma):
+    """``evaluate`` loads the adapter itself (under inference mode) onto a bf16 base: the path the GPU runs. Its
+    fp32 read adapters are cast at every read; it answers qa1 at 1k as it does in fp32 (2 samples)."""
+    import copy
+
+    from gma6.base import default_adapter
+    from gma6.evaluation import evaluate
+
+    model, tok = real_gemma
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    kw = dict(tasks=["qa1"], lengths=["1k"], n=2, segment_length=256, systems=("memory",), adapter=default_adapter(),
+              progress=False, batch_size=2)
+    got = evaluate(half, tok, **kw)
+    want = evaluate(model, tok, **kw)
+    assert got["dtype"] == "bfloat16" and want["dtype"] == "float32"
+    assert [o["output"] for o in got["outputs"]] == [o["output"] for o in want["outputs"]]
+    assert got["rows"][0]["accuracy"] == want["rows"][0]["accuracy"] == 1.0
