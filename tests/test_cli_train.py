@@ -107,3 +107,28 @@ def test_persistent_slots_and_their_rate_from_the_command_line(tiny_checkpoint, 
     r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"), *COMMON, *base_read,
               "--persistent-lr", "0.01")
     assert r.returncode != 0 and "--persistent-lr needs persistent slots" in r.stderr
+
+
+def test_gma6_train_under_torchrun_trains_one_adapter_from_two_processes(tiny_checkpoint, tmp_path):  # noqa: F811
+    """The launcher path: ``torchrun --nproc-per-node 2 -m gma6.cli train ...`` on this CPU (gloo). One log and one
+    adapter, written by the first process; the log says two processes took part."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "gma6.cli", "train", "--model", str(tiny_checkpoint), "--out", str(out), *COMMON,
+                        "--curriculum", "1"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2] and all(x["processes"] == 2 for x in log)
+    assert json.loads((out / "adapter" / "training.json").read_text())["processes"] == 2
+    assert r.stdout.count("done: step 2") == 1  # only the first process reports
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "gma6.cli", "train", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "odd"),
+                        *COMMON, "--curriculum", "1", "--batch-size", "3"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode != 0 and "cannot be split evenly over WORLD_SIZE=2" in r.stderr

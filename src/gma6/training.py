@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +27,7 @@ from torch import nn
 from .data.generator import derive_seed, generate_sample
 from .data.structured import text_rows
 from .data.vocab import TASKS, check_task
+from .distributed import Replicas
 from .episodes import Batch, collate, collate_questions, encode_episode, encode_question
 from .io import atomic_write, atomic_write_text
 from .model import split_aligned, split_segments
@@ -181,12 +182,16 @@ def batch_tasks(cfg: TrainConfig, step: int) -> list[str]:
     return [cfg.tasks[i % len(cfg.tasks)] for i in range(start, start + cfg.batch_size)]
 
 
-def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None, pad_token_id: int = 0) -> Batch:
-    """The training batch of global step ``step`` (a pure function of the step)."""
+def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None, pad_token_id: int = 0,
+               rows: Sequence[int] | None = None) -> Batch:
+    """The training batch of global step ``step`` (a pure function of the step); ``rows``: only those samples of it
+    (a data-parallel replica's share), each the same sample it is in the whole batch."""
     segments = cfg.curriculum[cfg.stage(step)]
     length = cfg.context_tokens(segments)
     episodes, questions, source = [], [], []
-    for j, task in enumerate(batch_tasks(cfg, step)):
+    tasks = batch_tasks(cfg, step)
+    for local, j in enumerate(range(len(tasks)) if rows is None else rows):
+        task = tasks[j]
         i = step * cfg.batch_size + j
         seed = derive_seed("train", task, i, cfg.seed)
         sample = generate_sample(task, length, seed, tokenizer, num_facts=cfg.num_facts, split="train")
@@ -194,24 +199,29 @@ def make_batch(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | 
         episodes.append(episode)
         if cfg.questions_per_context > 1:
             questions.append(episode)
-            source.append(j)
+            source.append(local)
             others = list(sample.other_questions)
             random.Random(seed).shuffle(others)  # which extra questions: a pure function of the sample
             for q, t in others[: cfg.questions_per_context - 1]:
                 questions.append(encode_question(sample, tokenizer, q, t))
-                source.append(j)
+                source.append(local)
     if cfg.questions_per_context > 1:
         return collate_questions(episodes, questions, source, bos_token_id, pad_token_id)
     return collate(episodes, bos_token_id, pad_token_id)
 
 
-def make_text_rows(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None) -> torch.Tensor | None:
-    """The structured-text rows of global step ``step`` for the text KL term (None when it is off)."""
+def make_text_rows(cfg: TrainConfig, step: int, tokenizer: Any, bos_token_id: int | None,
+                   replicas: Replicas = Replicas()) -> torch.Tensor | None:
+    """The structured-text rows of global step ``step`` for the text KL term (None when it is off); a replica's
+    share of them where they split evenly over the replicas, else all of them (the mean is the same)."""
     if not cfg.text_kl_weight:
         return None
     per_segment = cfg.segment_length - (bos_token_id is not None)  # split_segments prepends BOS
     seed = (cfg.seed << 32) ^ step ^ 0x7E47_5EED  # apart from the stories' seeds
-    return text_rows(tokenizer, cfg.text_kl_rows, cfg.text_kl_segments * per_segment, seed)
+    rows = text_rows(tokenizer, cfg.text_kl_rows, cfg.text_kl_segments * per_segment, seed)
+    if cfg.text_kl_rows % replicas.world == 0:
+        rows = rows[replicas.rank::replicas.world]
+    return rows
 
 
 class StepData(NamedTuple):
@@ -224,15 +234,17 @@ class StepData(NamedTuple):
 class _StepBatches(torch.utils.data.Dataset):
     """Step data indexed by global step, so DataLoader workers can build it ahead of the GPU."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer: Any, bos: int | None, pad: int) -> None:
-        self.cfg, self.tokenizer, self.bos, self.pad = cfg, tokenizer, bos, pad
+    def __init__(self, cfg: TrainConfig, tokenizer: Any, bos: int | None, pad: int,
+                 replicas: Replicas = Replicas()) -> None:
+        self.cfg, self.tokenizer, self.bos, self.pad, self.replicas = cfg, tokenizer, bos, pad, replicas
 
     def __len__(self) -> int:
         return self.cfg.total_steps
 
     def __getitem__(self, step: int) -> StepData:
-        return StepData(make_batch(self.cfg, step, self.tokenizer, self.bos, self.pad),
-                        make_text_rows(self.cfg, step, self.tokenizer, self.bos))
+        rows = None if self.replicas.world == 1 else self.replicas.rows(self.cfg.batch_size)
+        return StepData(make_batch(self.cfg, step, self.tokenizer, self.bos, self.pad, rows),
+                        make_text_rows(self.cfg, step, self.tokenizer, self.bos, self.replicas))
 
 
 def _identity(item: StepData) -> StepData:
@@ -507,6 +519,10 @@ def train(
 ) -> dict[str, Any]:
     """Train the memory (and LoRA when asked); checkpoints and logs go to ``out_dir``.
 
+    Under a launcher that set up ``torch.distributed`` (torchrun, accelerate), each process takes its rows of every
+    batch and the gradients are averaged (``gma6.distributed``); the first process writes the files. The answer
+    loss is weighted so that the step equals one process's over the whole batch.
+
     Args:
         model: a memory model from ``attach_memory`` (gated or RMT).
         tokenizer: the base's tokenizer (``encode(text, add_special_tokens=False)``).
@@ -525,7 +541,12 @@ def train(
         The last log record.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    replicas = Replicas.current()  # under torchrun / accelerate: this process's share of each batch
+    if replicas.world > 1:
+        replicas.rows(cfg.batch_size)  # refused here, before any work, when it does not split evenly
+    if replicas.main:
+        out.mkdir(parents=True, exist_ok=True)
+    replicas.barrier()
     bos = getattr(tokenizer, "bos_token_id", None)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     if cfg.lora_rank and not getattr(model.config, "lora_rank", 0):
@@ -549,7 +570,7 @@ def train(
     last = min(cfg.total_steps, max_steps) if max_steps is not None else cfg.total_steps
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=last, initial=step, desc="training", disable=not progress)
+    bar = tqdm(total=last, initial=step, desc="training", disable=not (progress and replicas.main))
     record: dict[str, Any] = {}
     skipped = run_of_skips = 0
     t0, tokens = time.perf_counter(), 0
@@ -557,7 +578,7 @@ def train(
     if num_workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     batches = torch.utils.data.DataLoader(
-        _StepBatches(cfg, tokenizer, bos, pad), batch_size=None, sampler=range(step, last),
+        _StepBatches(cfg, tokenizer, bos, pad, replicas), batch_size=None, sampler=range(step, last),
         num_workers=num_workers, prefetch_factor=4 if num_workers else None, collate_fn=_identity,
         generator=torch.Generator(),  # its seed draw must not advance the global RNG a resume restores
     )
@@ -570,6 +591,10 @@ def train(
                 model, batch, cfg.segment_length, bos, cfg.bptt_segments,
                 cfg.lm_positions if cfg.lm_weight or cfg.kl_weight else 0, kl=cfg.kl_weight > 0,
                 distill=cfg.distill_weight > 0, select=cfg.select_weight > 0, question_reads=cfg.question_reads)
+        if replicas.world > 1:  # the answer loss and accuracy as the whole batch's means, whatever each holds
+            w_loss, w_acc = replicas.shares([float(batch.answer_mask.sum()), float(batch.question.shape[0])],
+                                            model.device)
+            loss, acc = loss * w_loss, acc * w_acc
         total = loss
         if lm is not None and cfg.lm_weight:
             total = total + cfg.lm_weight * lm
@@ -584,6 +609,7 @@ def train(
             text_kl = text_kl_loss(model, text.to(model.device), cfg.segment_length, bos, cfg.lm_positions)
             total = total + cfg.text_kl_weight * text_kl
         total.backward()
+        replicas.average_gradients(params)  # the same gradients, so the same steps, on every replica
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         # A non-finite gradient (an overflow in one batch) would make every weight NaN for good: skip that
         # update, as a loss scaler does, and stop when it keeps happening. One host sync a step.
@@ -604,36 +630,50 @@ def train(
         bar.update(1)
         if step % cfg.log_every == 0 or step == last:
             dt = time.perf_counter() - t0
+            terms = replicas.mean({
+                "loss": float(loss.detach()), "acc": float(acc),
+                "context_lm_loss": float(lm.detach()) if lm is not None else None,
+                "context_kl": float(kl.detach()) if kl is not None else None,
+                "context_distill": float(distill.detach()) if distill is not None else None,
+                "write_select": float(select.detach()) if select is not None else None,
+                "text_kl": float(text_kl.detach()) if text_kl is not None else None}, model.device)
+            digits = {"loss": 5, "acc": 4, "context_lm_loss": 5, "context_kl": 6, "context_distill": 5,
+                      "write_select": 5, "text_kl": 6}
             record = {"step": step, "stage": cfg.stage(step - 1), "segments": cfg.curriculum[cfg.stage(step - 1)],
-                      "loss": round(float(loss.detach()), 5), "acc": round(float(acc), 4),
-                      "context_lm_loss": round(float(lm.detach()), 5) if lm is not None else None,
-                      "context_kl": round(float(kl.detach()), 6) if kl is not None else None,
-                      "context_distill": round(float(distill.detach()), 5) if distill is not None else None,
-                      "write_select": round(float(select.detach()), 5) if select is not None else None,
-                      "text_kl": round(float(text_kl.detach()), 6) if text_kl is not None else None,
-                      "lr": sched.get_last_lr()[0],
-                      "grad_norm": round(float(gnorm), 4), "tokens_per_s": round(tokens / dt, 1), "time": time.time()}
+                      **{k: None if v is None else round(v, digits[k]) for k, v in terms.items()},
+                      "lr": sched.get_last_lr()[0], "grad_norm": round(float(gnorm), 4),
+                      "tokens_per_s": round(replicas.total(tokens, model.device) / dt, 1), "time": time.time()}
+            if replicas.world > 1:
+                record["processes"] = replicas.world
             if skipped:  # updates skipped for a non-finite gradient since the last record
                 record["skipped_steps"], skipped = skipped, 0
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if replicas.main:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=record["loss"], acc=record["acc"], seg=record["segments"])
             if on_log:
                 on_log(record)
             t0, tokens = time.perf_counter(), 0
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < last:
-            save_checkpoint(ckpt, model, opt, sched, cfg, step)
-        if time_limit is not None and time.monotonic() - started > time_limit and step < last:
+            if replicas.main:
+                save_checkpoint(ckpt, model, opt, sched, cfg, step)
+            replicas.barrier()
+        # the replicas stop together: the first whose clock runs out decides for all
+        if (time_limit is not None and step < last
+                and replicas.any(time.monotonic() - started > time_limit, model.device)):
             record = {**record, "stopped": "time_limit", "stopped_at_step": step}
             break
     bar.close()
     model.eval()
-    save_checkpoint(ckpt, model, opt, sched, cfg, step)
-    if step >= cfg.total_steps:
-        model.save_pretrained(out / "adapter")
-        meta = {"train_config": dataclasses.asdict(cfg), "steps": step, "command": command}
-        atomic_write_text(out / "adapter" / "training.json", json.dumps(meta, indent=2) + "\n")
-    plot_log(out / "log.jsonl", out / "loss.png")
+    if replicas.main:
+        save_checkpoint(ckpt, model, opt, sched, cfg, step)
+        if step >= cfg.total_steps:
+            model.save_pretrained(out / "adapter")
+            meta = {"train_config": dataclasses.asdict(cfg), "steps": step, "command": command,
+                    "processes": replicas.world}
+            atomic_write_text(out / "adapter" / "training.json", json.dumps(meta, indent=2) + "\n")
+        plot_log(out / "log.jsonl", out / "loss.png")
+    replicas.barrier()  # no replica returns (or exits) before the files are written
     return record
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -137,8 +138,19 @@ def train(
             _adapter_config(init_adapter).persistent_slots if init_adapter is not None else persistent_slots):
         raise typer.BadParameter("--persistent-lr needs persistent slots: give --persistent-slots, or an "
                                  "--init-adapter that has them")
-    dev = pick_device(device)
+    if tcfg.batch_size % int(os.environ.get("WORLD_SIZE", "1") or 1):
+        raise typer.BadParameter(f"--batch-size={batch_size} cannot be split evenly over WORLD_SIZE="
+                                 f"{os.environ['WORLD_SIZE']} processes")
+    from ..distributed import init_from_environment
+
+    # under torchrun / accelerate launch: one process a GPU, each on its rows of every batch
+    replicas, replica_device = init_from_environment()
+    dev = pick_device(replica_device if replica_device is not None and device == "auto" else device)
+    if not replicas.main:
+        replicas.barrier()  # the first process loads first: it converts and caches the GGUF once for all
     base, tok = load(model, dev, pick_dtype(dtype, dev))
+    if replicas.main:
+        replicas.barrier()
     if init_adapter is not None:
         from ..model import load_adapter
 
@@ -148,9 +160,16 @@ def train(
             mm = attach_memory(base, mcfg)
         except ValueError as e:  # what only the model's dimensions can check (e.g. --read-rule base's width)
             raise typer.BadParameter(str(e)) from e
-    mm.print_trainable_parameters()
+    if replicas.main:
+        mm.print_trainable_parameters()
     last = run(mm, tok, tcfg, out, resume=resume, max_steps=max_steps, command=command_line(),
               num_workers=workers if workers >= 0 else (4 if dev.type == "cuda" else 0), time_limit=time_limit)
+    if replicas.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+        if not replicas.main:
+            return
     if "stopped" in last:
         typer.echo(f"stopped by --time-limit at step {last['stopped_at_step']} of {tcfg.total_steps}; "
                    f"run the same command again to resume from {out}/checkpoint")
