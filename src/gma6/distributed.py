@@ -49,14 +49,17 @@ class Replicas:
         return range(self.rank, n, self.world)
 
     def average_gradients(self, params: Iterable[nn.Parameter]) -> None:
-        """Replace each gradient by its mean over the replicas (a missing one counts as zeros). One all-reduce of
-        a flat buffer per device and dtype."""
+        """Replace each gradient by its mean over the replicas (a missing one counts as zeros; one missing on every
+        replica stays missing, so the optimizer skips it as it would in one process). One all-reduce of a flat
+        buffer per device and dtype."""
         if self.world == 1:
             return
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        missing: list[nn.Parameter] = []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
+                missing.append(p)
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
         for group in groups.values():
             flat = torch.cat([p.grad.reshape(-1) for p in group])
@@ -67,6 +70,9 @@ class Replicas:
                 n = p.grad.numel()
                 p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
                 offset += n
+        for p in missing:
+            if not p.grad.any():
+                p.grad = None
 
     def mean(self, values: dict[str, float | None], device: torch.device) -> dict[str, float | None]:
         """Each value's mean over the replicas (None stays None: every replica computes the same terms)."""
