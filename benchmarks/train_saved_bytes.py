@@ -3,7 +3,7 @@
 the memory-only step against the frozen floor (``gma6 bench``'s ``train_frozen``: the bare base's forward
 with a free adapter at its embeddings). Deterministic, so it works on this CPU where peak RSS is noisy.
 
-    python benchmarks/train_saved_bytes.py [--adapter DIR] [--dtype bfloat16] [--batch 2] [--context 1024]
+    python benchmarks/train_saved_bytes.py [--adapter DIR] [--dtype bfloat16] [--batch 2] [--context 1024] [--checkpointing]
         [--segment 512] [--positions 16] [--device cpu] [--top 12] [--out results/train-saved-bytes-cpu.json]
 
 On CUDA it also records each step's peak allocated memory (``torch.cuda.max_memory_allocated``, weights

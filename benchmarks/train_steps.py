@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import gma6
 from gma6.base import default_adapter
 from gma6.model import split_segments
+from gma6.options import set_gradient_checkpointing
 
 
 def add_arguments(ap: argparse.ArgumentParser, batch: int, context: int, positions: int, device: str) -> None:
@@ -30,6 +31,9 @@ def add_arguments(ap: argparse.ArgumentParser, batch: int, context: int, positio
     ap.add_argument("--context", type=int, default=context)
     ap.add_argument("--segment", type=int, default=512)
     ap.add_argument("--positions", type=int, default=positions)
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="the base's gradient checkpointing in both steps (what remains is what each keeps outside "
+                         "the recomputed layers)")
 
 
 class TrainSteps:
@@ -40,10 +44,14 @@ class TrainSteps:
         self.args = args
         self.device = torch.device(args.device)
         model, _ = gma6.load_base(args.model, progress=False, dtype=getattr(torch, args.dtype), device=self.device)
-        ids = torch.randint(0, 1000, (args.batch, args.context), device=self.device)
+        vocab = min(1000, model.get_input_embeddings().num_embeddings)
+        ids = torch.randint(0, vocab, (args.batch, args.context), device=self.device)
         self.segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
         self.pos = torch.linspace(0, args.segment - 2, args.positions, device=self.device).round().long().unique()
         self.mm = gma6.load_adapter(model, args.adapter)
+        if getattr(args, "checkpointing", False):
+            set_gradient_checkpointing(self.mm.base, True)
+            self.mm.train()  # checkpointing acts in training mode only
 
     def _loss_at(self, logits: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, 1), seg_ids[:, self.pos + 1].flatten())
@@ -61,6 +69,9 @@ class TrainSteps:
         """Detach the memory (for good) and yield the floor's loss function, the base frozen."""
         base = self.mm.detach()
         base.requires_grad_(False)  # detach() hands the base back as it came (a fresh load trains every weight)
+        if getattr(self.args, "checkpointing", False):
+            set_gradient_checkpointing(base, True)
+            base.train()
         probe = torch.nn.Parameter(torch.zeros((), device=self.device))
         handle = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out + probe.to(out.dtype))
 
@@ -83,5 +94,5 @@ class TrainSteps:
             "command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine(),
             "device": d.type, "dtype": a.dtype, "adapter": a.adapter, "batch": a.batch, "context": a.context,
-            "segment": a.segment, "positions": len(self.pos),
+            "segment": a.segment, "positions": len(self.pos), "checkpointing": bool(getattr(a, "checkpointing", False)),
         }
