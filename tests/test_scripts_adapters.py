@@ -104,3 +104,35 @@ def test_persistent_slots_added_to_a_saved_adapter(tmp_path):
     r = subprocess.run([sys.executable, str(SCRIPTS / "grow_read_rank.py"), "--adapter", str(tmp_path / "b"),
                         "--persistent-slots", "4", "--out", str(tmp_path / "c")], capture_output=True, text=True)
     assert r.returncode != 0 and "persistent_slots=4" in r.stderr
+
+
+def test_compare_adapters_says_how_far_apart_two_saved_adapters_are(tmp_path):
+    base = tiny_gemma3(layers=4).float()
+    mm = attach_memory(base, _config())
+    perturb(mm)
+    mm.save_pretrained(tmp_path / "a")
+    mm.save_pretrained(tmp_path / "same")
+    with torch.no_grad():
+        mm.controller.layers[1].read_q.up.weight.add_(0.5)
+    mm.save_pretrained(tmp_path / "moved")
+    mm.detach()
+
+    def run(b, *extra):
+        return subprocess.run([sys.executable, str(SCRIPTS / "compare_adapters.py"), "--a", str(tmp_path / "a"),
+                               "--b", str(b), "--out", str(tmp_path / "c.json"), *extra], capture_output=True, text=True)
+
+    r = run(tmp_path / "same")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert got["within"] and got["max_relative_difference"] == 0.0 and got["tensors"] > 4
+    r = run(tmp_path / "moved")
+    got = json.loads((tmp_path / "c.json").read_text())
+    assert r.returncode == 1 and not got["within"] and "layers.1.read_q.up" in got["worst"]
+    assert got["by_tensor"][got["worst"]] > 0.01 and sum(v > 0 for v in got["by_tensor"].values()) == 1
+    other = attach_memory(base, _config(num_slots=7))
+    other.save_pretrained(tmp_path / "other")
+    other.detach()
+    r = run(tmp_path / "other")
+    assert r.returncode == 2 and "different configs" in r.stderr
