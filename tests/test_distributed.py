@@ -26,13 +26,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _replica(rank: int, world: int, port: int, out: str) -> None:
+def _replica(rank: int, world: int, port: int, out: str, stops: tuple[int | None, ...] = (None,)) -> None:
+    """Train in a process group of ``world``; each of ``stops`` is a run until that step (None: to the end), each
+    from fresh weights and the checkpoint the last left, as a relaunch after a kill would."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mm = fresh()
-        train(mm, TOK, small_cfg(**KW), out, progress=False)
+        for stop in stops:
+            mm = fresh()
+            train(mm, TOK, small_cfg(**KW), out, progress=False, max_steps=stop)
         torch.save([p.detach() for p in mm.controller.parameters()], os.path.join(out, f"replica{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -77,3 +80,16 @@ def test_a_batch_that_does_not_split_evenly_is_refused():
     one = Replicas.current()
     assert (one.rank, one.world, one.main) == (0, 1, True)
     assert one.mean({"a": 1.5, "b": None}, torch.device("cpu")) == {"a": 1.5, "b": None}
+
+
+def test_a_data_parallel_run_stopped_and_resumed_equals_one_never_stopped(tmp_path):
+    """The first process writes the checkpoint; every process resumes from it (weights, optimizer, schedule, data
+    position): stopped at step 4 and relaunched, the run ends where an uninterrupted one does."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    mp.spawn(_replica, args=(2, _free_port(), str(whole)), nprocs=2, join=True)
+    mp.spawn(_replica, args=(2, _free_port(), str(resumed), (4, None)), nprocs=2, join=True)
+    a, b = torch.load(whole / "replica0.pt"), torch.load(resumed / "replica0.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(b, torch.load(resumed / "replica1.pt")))
+    steps = [json.loads(x)["step"] for x in (resumed / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
