@@ -49,7 +49,7 @@ class TrainSteps:
         self.segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
         self.pos = torch.linspace(0, args.segment - 2, args.positions, device=self.device).round().long().unique()
         self.mm = gma6.load_adapter(model, args.adapter)
-        if getattr(args, "checkpointing", False):
+        if args.checkpointing:
             set_gradient_checkpointing(self.mm.base, True)
             self.mm.train()  # checkpointing acts in training mode only
 
@@ -69,7 +69,7 @@ class TrainSteps:
         """Detach the memory (for good) and yield the floor's loss function, the base frozen."""
         base = self.mm.detach()
         base.requires_grad_(False)  # detach() hands the base back as it came (a fresh load trains every weight)
-        if getattr(self.args, "checkpointing", False):
+        if self.args.checkpointing:
             set_gradient_checkpointing(base, True)
             base.train()
         probe = torch.nn.Parameter(torch.zeros((), device=self.device))
@@ -94,5 +94,5 @@ class TrainSteps:
             "command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine(),
             "device": d.type, "dtype": a.dtype, "adapter": a.adapter, "batch": a.batch, "context": a.context,
-            "segment": a.segment, "positions": len(self.pos), "checkpointing": bool(getattr(a, "checkpointing", False)),
+            "segment": a.segment, "positions": len(self.pos), "checkpointing": a.checkpointing,
         }

@@ -74,16 +74,19 @@ class Replicas:
             if not p.grad.any():
                 p.grad = None
 
+    def _sum(self, values: list[float], device: torch.device) -> list[float]:
+        """``values`` summed element-wise over the replicas: one all-reduce (float64)."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def mean(self, values: dict[str, float | None], device: torch.device) -> dict[str, float | None]:
         """Each value's mean over the replicas (None stays None: every replica computes the same terms)."""
-        if self.world == 1:
-            return dict(values)
         keys = [k for k, v in values.items() if v is not None]
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        out: dict[str, float | None] = dict(values)
-        out.update({k: float(v) / self.world for k, v in zip(keys, t.tolist())})
-        return out
+        sums = self._sum([values[k] for k in keys], device)  # type: ignore[misc]
+        return {**values, **{k: v / self.world for k, v in zip(keys, sums)}}
 
     def shares(self, counts: list[float], device: torch.device) -> list[float]:
         """For means taken over this replica's ``counts`` items (answer tokens, questions): the factor that makes
@@ -91,17 +94,11 @@ class Replicas:
         can hold different numbers (a story has as many extra questions as its facts allow)."""
         if self.world == 1:
             return [1.0] * len(counts)
-        t = torch.tensor([float(c) for c in counts], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return [c * self.world / max(float(n), 1e-12) for c, n in zip(counts, t.tolist())]
+        return [c * self.world / max(n, 1e-12) for c, n in zip(counts, self._sum(counts, device))]
 
     def total(self, value: float, device: torch.device) -> float:
         """``value`` summed over the replicas."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return float(t.item())
+        return self._sum([value], device)[0]
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every replica when it is True on any (a decision they must take together, e.g. to stop)."""

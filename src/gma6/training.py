@@ -242,7 +242,7 @@ class _StepBatches(torch.utils.data.Dataset):
         return self.cfg.total_steps
 
     def __getitem__(self, step: int) -> StepData:
-        rows = None if self.replicas.world == 1 else self.replicas.rows(self.cfg.batch_size)
+        rows = self.replicas.rows(self.cfg.batch_size)
         return StepData(make_batch(self.cfg, step, self.tokenizer, self.bos, self.pad, rows),
                         make_text_rows(self.cfg, step, self.tokenizer, self.bos, self.replicas))
 
@@ -542,8 +542,7 @@ def train(
     """
     out = Path(out_dir)
     replicas = Replicas.current()  # under torchrun / accelerate: this process's share of each batch
-    if replicas.world > 1:
-        replicas.rows(cfg.batch_size)  # refused here, before any work, when it does not split evenly
+    replicas.rows(cfg.batch_size)  # refused here, before any work, when it does not split evenly
     if replicas.main:
         out.mkdir(parents=True, exist_ok=True)
     replicas.barrier()

@@ -128,14 +128,13 @@ def train(
         raise typer.BadParameter("--select-weight supervises the tokens write: it needs --write-rule tokens")
     if time_limit is not None and not time_limit > 0:
         raise typer.BadParameter(f"--time-limit={time_limit}: expected a positive number of seconds")
-    if init_adapter is not None:
-        saved = _adapter_config(init_adapter)
+    saved = _adapter_config(init_adapter) if init_adapter is not None else None
+    if saved is not None:
         if lora_rank not in (0, saved.lora_rank):
             raise typer.BadParameter(f"--lora-rank={lora_rank} but {init_adapter} has lora_rank={saved.lora_rank}: "
                                      "leave --lora-rank out or give the adapter's rank")
         tcfg.lora_rank = saved.lora_rank  # recorded, and checked on resume
-    if persistent_lr is not None and not (
-            _adapter_config(init_adapter).persistent_slots if init_adapter is not None else persistent_slots):
+    if persistent_lr is not None and not (saved.persistent_slots if saved is not None else persistent_slots):
         raise typer.BadParameter("--persistent-lr needs persistent slots: give --persistent-slots, or an "
                                  "--init-adapter that has them")
     if tcfg.batch_size % int(os.environ.get("WORLD_SIZE", "1") or 1):
