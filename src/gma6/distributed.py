@@ -127,5 +127,10 @@ def init_from_environment() -> tuple[Replicas, str | None]:
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device is not None else "gloo")
+        if device is not None:
+            # Bound to this process's GPU: NCCL otherwise guesses the device from the global rank (it warned so on
+            # two H200s) and its barriers run on whatever device is current.
+            dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        else:
+            dist.init_process_group(backend="gloo")
     return Replicas.current(), device
