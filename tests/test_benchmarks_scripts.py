@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from gma6 import GMA6Config, attach_memory, load_base
@@ -41,3 +42,34 @@ def test_saved_bytes_with_and_without_checkpointing(tiny_checkpoint, tmp_path): 
     for kind in ("train_memory", "train_frozen"):
         assert 0 < got[True]["saved_mib"][kind] < got[False]["saved_mib"][kind], kind  # recomputed, so less kept
     assert got[True]["train_memory_over_train_frozen"] > 1  # the memory's state and write are kept besides
+
+
+def _host_overhead():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import host_overhead
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return host_overhead
+
+
+def test_host_overhead_times_the_default_kind_on_the_270m_stack(tmp_path):
+    """benchmarks/host_overhead.py: the shipped adapter's kind on an 18-layer tiny stack, base and memory timed,
+    the memory's heaviest functions listed, the JSON written."""
+    ho = _host_overhead()
+    kind = ho.kind_of(ROOT / "src" / "gma6" / "adapters" / "gemma3-270m-babilong-memory-alone")
+    assert kind.read_rule == "base" and kind.read_rank == 8 and len(kind.layers) == 17
+    out = tmp_path / "host.json"
+    got = ho.main(["--tokens", "4", "--segments", "2", "--repeats", "2", "--profile", "3", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["ratio"] == got["ratio"]
+    ms = {r["system"]: r["ms_per_segment"] for r in saved["rows"]}
+    assert set(ms) == {"base_segments", "memory"} and all(v > 0 for v in ms.values())
+    assert abs(saved["ratio"] - ms["memory"] / ms["base_segments"]) < 1e-2
+    assert 0 < len(saved["profile"]) <= 3 and all(p["calls"] > 0 for p in saved["profile"])
+
+
+def test_host_overhead_refuses_a_non_positive_count():
+    ho = _host_overhead()
+    with pytest.raises(SystemExit, match="must be positive"):
+        ho.main(["--segments", "0"])
