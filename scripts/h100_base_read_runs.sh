@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Base-read memory trainings side by side, then their teacher-forced validation, in ONE call (a lent machine
 # goes back 30 s after a call: nothing is left for a later call to pick up but what is in $OUT).
-# Each NAME=OPTIONS adds to b5's recipe (the shipped default; its training.json); later options override.
+# Each NAME=OPTIONS adds to b5's recipe (session 6's default; the memory-alone default's training.json lists what its runs
+# added); later options override.
 # Usage: [STEPS=120] [TRAIN_SECONDS=330] [CURRICULUM=1,2,4] [LENGTHS=1k,4k] [N=100]
 #        bash scripts/h100_base_read_runs.sh "m1=--lora-rank 0 --read-rank 8" "b6=--steps-per-stage 200"
 # Leaves in $OUT: NAME.tar (adapter or checkpoint, logs) and NAME-validate.json for every run.
