@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -34,9 +35,6 @@ from gma6.base import default_adapter
 from gma6.bench import _runner
 from gma6.io import atomic_write_text
 from gma6.model import attach_memory
-
-# The adapter's config keys that describe the base it was trained on, not the memory's kind.
-BASE_KEYS = ("hidden_size", "num_hidden_layers", "model_type")
 
 
 def stack_like_270m(hidden: int = 64, vocab: int = 512, seed: int = 0) -> torch.nn.Module:
@@ -56,8 +54,8 @@ def stack_like_270m(hidden: int = 64, vocab: int = 512, seed: int = 0) -> torch.
 def kind_of(adapter: Path) -> GMA6Config:
     """The memory config of a saved adapter, without what ties it to its base (so it fits the tiny stack) and
     without its LoRA, as ``gma6 bench --adapter`` times it (a LoRA merges into the base for reading)."""
-    raw = json.loads((adapter / "gma6_config.json").read_text())
-    return GMA6Config(**{k: v for k, v in raw.items() if k not in BASE_KEYS and k != "lora_rank"})
+    return dataclasses.replace(GMA6Config.load(adapter), hidden_size=None, num_hidden_layers=None, model_type=None,
+                               lora_rank=0)
 
 
 def time_paired(runs: dict, repeats: int) -> dict[str, list[float]]:
