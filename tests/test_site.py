@@ -74,24 +74,19 @@ def test_an_implementation_changed_after_attach_is_an_error_not_a_silent_bare_an
     mm(input_ids=torch.randint(3, 64, (1, 9)))  # and it reads again once restored
 
 
-def test_a_read_with_its_own_query_adapter_keeps_the_hooks():
-    """read_rank adapts the read's queries before the q-norm: the base's finished queries cannot serve."""
-    base = tiny_gemma3(layers=4)
-    mm = _trained(base, read_rank=2)
-    assert mm._sites is None and base.config._attn_implementation == "sdpa"
-
-
-def test_a_query_adapter_after_the_norm_reads_through_the_attention_function():
-    """read_query="after_norm": the fast path (the base's finished queries plus the adapter's change, rotated alone)
-    equals the hooks' fused read on an eager base and the explicit read of the statistics; left padding (positions
-    that are not 0..T-1) included. It is not the before-norm kind with the same weights."""
+@pytest.mark.parametrize("read_query", ["before_norm", "after_norm"])
+def test_a_query_adapter_reads_through_the_attention_function(read_query):
+    """A query adapter on the fast path equals the hooks' fused read on an eager base and the explicit read of the
+    statistics; left padding (positions that are not 0..T-1) included. after_norm: the base's finished queries plus
+    the adapter's change, rotated alone; before_norm: the q projection's output plus the change, normed and rotated
+    again. The two kinds with the same weights differ."""
     ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids, dtype=torch.bool)
     mask[1, :3] = False
     sdpa = tiny_gemma3(layers=4).float()
     eager = tiny_gemma3(layers=4).float()
     eager.config._attn_implementation = "eager"
-    a, b = _trained(sdpa, read_rank=2, read_query="after_norm"), _trained(eager, read_rank=2, read_query="after_norm")
+    a, b = _trained(sdpa, read_rank=2, read_query=read_query), _trained(eager, read_rank=2, read_query=read_query)
     assert a._sites is not None and b._sites is None
     assert all(m.read_q.up.weight.abs().sum() > 0 for m in a.controller.layers)
     with torch.no_grad():
@@ -103,11 +98,12 @@ def test_a_query_adapter_after_the_norm_reads_through_the_attention_function():
         padded_eager = b(input_ids=ids, attention_mask=mask, memory_state=state, write=False).logits
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got, explicit, atol=1e-5)
     assert torch.allclose(padded[mask], padded_eager[mask], atol=1e-5)
-    before = _trained(tiny_gemma3(layers=4).float(), read_rank=2)
-    before.controller.load_state_dict(a.controller.state_dict())
+    other_query = "before_norm" if read_query == "after_norm" else "after_norm"
+    other = _trained(tiny_gemma3(layers=4).float(), read_rank=2, read_query=other_query)
+    other.controller.load_state_dict(a.controller.state_dict())
     with torch.no_grad():
-        other = before(input_ids=ids[:, 8:], memory_state=state, write=False).logits
-    assert (other - got).abs().max() > 1e-3
+        differs = other(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+    assert (differs - got).abs().max() > 1e-3
 
 
 def test_read_query_is_checked():
@@ -121,7 +117,7 @@ def test_gradients_and_checkpointing_through_the_attention_function():
     """Memory gradients equal with and without the base's gradient checkpointing (the site runs again in
     the recomputation), and equal the hook path's."""
     ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(2))
-    for kind in ({}, {"read_rank": 2, "read_query": "after_norm"}):
+    for kind in ({}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}):
         _grads_agree(ids, kind)
 
 
@@ -141,7 +137,7 @@ def _grads_agree(ids, kind):
         assert torch.allclose(grads[0], g, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [{}, {"read_rank": 2, "read_query": "after_norm"}])
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}])
 def test_generate_reads_through_the_attention_function(kind):
     base = tiny_gemma3(layers=4)
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -167,7 +163,7 @@ def test_unsupported_implementations():
     assert base.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("kind", [{}, {"read_rank": 2, "read_query": "after_norm"}])
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2"])
 def test_other_families_read_through_their_attention_function(family, kind):
     """Llama, Qwen2 and Mistral (no q/k norms, their own RoPE tables) read through the attention function and agree
@@ -195,7 +191,7 @@ def test_other_families_read_through_their_attention_function(family, kind):
     assert base.config._attn_implementation == impl and hook_count(base) == 0
 
 
-@pytest.mark.parametrize("kind", [{}, {"read_rank": 2, "read_query": "after_norm"}, {"read_site": "residual"}])
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}, {"read_site": "residual"}])
 def test_persistent_slots_are_read_by_every_path_trained_and_saved(tmp_path, kind):
     """persistent_slots: learned slots before the written ones. A fresh memory's outputs are the bare base's (gate 0);
     trained, even an empty memory reads them, the same through the attention function, the hooks (eager base) and

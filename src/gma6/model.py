@@ -78,11 +78,12 @@ class MemoryModel(MemoryWrapper):
         self._site_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._stacked: StackedSlots | None = None
         # read_site="attention" where the base's attention function can carry it (site.py): the read takes the
-        # base's own post-RoPE queries; the q/o projection hooks then serve only the statistics' explicit read
+        # base's own post-RoPE queries (a before-norm query adapter: its q projection's output, normed and rotated
+        # again); the o projection hook then serves only the statistics' explicit read
         self._sites: AttentionSites | None = None
         self._site_pending: set[int] = set()
-        # read_query="after_norm" on the fast path: per memory layer, the base's rotary tables (from entering its
-        # attention) and then the q projection's input, for the query adapter's change
+        # a query adapter on the fast path: per memory layer, the base's rotary tables (from entering its attention),
+        # then the q projection's input and output (for the adapter's change)
         self._site_query: dict[int, list] = {}
         try:
             decoder_layers = find_decoder_layers(base)
@@ -117,8 +118,7 @@ class MemoryModel(MemoryWrapper):
                     self._site_hooks.append(nxt.self_attn.q_proj.register_forward_hook(self._make_site_query(slot)))
                     self._site_hooks.append(nxt.self_attn.o_proj.register_forward_pre_hook(self._make_site_output(slot)))
                 attns = [decoder_layers[i + 1].self_attn for i in self.config.layers]
-                if ((self.config.read_rank == 0 or self.config.read_query == "after_norm")
-                        and all(r.fusable for r in self._base_reads)
+                if (all(r.fusable for r in self._base_reads)
                         and all(supported(getattr(getattr(a, "config", None), "_attn_implementation", None)) for a in attns)):
                     self._sites = AttentionSites({a: self._make_site_rotated(slot) for slot, a in enumerate(attns)})
         except BaseException:
@@ -192,7 +192,7 @@ class MemoryModel(MemoryWrapper):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             ctx = self._site.pop(slot, None)
             if slot in self._site_query and args:
-                self._site_query[slot].append(args[0])
+                self._site_query[slot] += [args[0], output]
             if ctx is None or not args:
                 return
             call, positions = ctx
@@ -246,11 +246,12 @@ class MemoryModel(MemoryWrapper):
             args: tuple = (query, slots)
             if layer.read_q is not None:
                 got = self._site_query.pop(slot, None)
-                if got is None or len(got) != 3:
+                if got is None or len(got) != 4:
                     raise RuntimeError("gma6: the read's query adapter did not see the q projection's input (the base's "
                                        "attention no longer calls its q_proj module)")
-                embeddings, positions, view = got
-                args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope))
+                embeddings, positions, view, q_pre = got
+                args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope),
+                        None if read.query_after_norm else q_pre)
             return add_read_heads(out, self._recomputed(read.read_rotated, *args), gate)
 
         return site

@@ -12,6 +12,8 @@ memory's training has to learn is which tokens to keep and how much of the read 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -309,7 +311,7 @@ class BaseAttentionRead:
             s = k.shape[2] - 1
             cos, ssin = self._cos_signed_sin(q, positions, cache, ("queries", s), offset=s)
             q = torch.addcmul(q * cos, q.roll(d // 2, dims=-1), ssin)
-        return self._sdpa(q, k, v, mask)
+        return slots_sdpa(q, k, v, mask, self.scaling)
 
     def rotation_tables(
         self, like: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None,
@@ -334,37 +336,29 @@ class BaseAttentionRead:
             cache[key] = (cos, sin, out)
         return out
 
-    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The read's one SDPA call: q (B, n, T, d), k and v (B, g, S + 1, d), the additive mask (B, 1, 1, S + 1)."""
-        if self.groups > 1 and k.shape[1] != q.shape[1]:  # StackedSlots repeats every layer's at once
-            # PyTorch's memory-efficient kernel takes an additive mask but not enable_gqa, and flash takes no mask:
-            # with both, SDPA falls back to its math path, which upcasts to fp32 and keeps the attention weights
-            # for backward (seen in a memory-only training step's saved tensors on the H200). The slots are few,
-            # so their keys and values are repeated over the query groups instead (equal results). A mask that
-            # needs a gradient keeps the math path on the CPU all the same.
-            k, v = k.repeat_interleave(self.groups, dim=1), v.repeat_interleave(self.groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
-
     def read_rotated(
         self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         view: torch.Tensor | None = None, q_adapter: nn.Module | None = None,
-        tables: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``fused_read`` from the base's own queries q (B, n, T, d), after its q-norm and RoPE at the tokens'
         positions p, and ``prepare_slots(rotated=True)``: RoPE scores depend on positions only through their
         difference, so slots at -S..-1 against queries at p equal slots at 0..S-1 against queries at p + S.
 
-        With ``read_query="after_norm"``, ``q_adapter(view)`` (view: the q projection's input (B, T, H)) is added
-        rotated by ``tables`` (``rotation_tables``' cos and signed sin at p): RoPE is linear, so rotating the
-        change alone and adding it equals rotating the changed query."""
+        With a query adapter (``view``: the q projection's input (B, T, H); ``tables``: ``rotation_tables``' cos
+        and signed sin at p), the query is ``rotated_read``'s: after the norm, the base's q plus the adapter's
+        change rotated alone (RoPE is linear); before it (``q_pre``, the q projection's output (B, T, n*d)), the
+        changed projection normed and rotated again."""
+        k, v, mask = self.match(q, prepared)
+        down = up = None
         if q_adapter is not None:
-            b, t, _ = view.shape
-            d = self.head_dim
-            change = q_adapter(view).to(q.dtype).view(b, t, -1, d).transpose(1, 2)
-            if tables is not None:
-                cos, ssin = tables
-                change = torch.addcmul(change * cos, change.roll(d // 2, dims=-1), ssin)
-            q = q + change
+            down, up = q_adapter.weights(view.dtype)
+        gain, eps = self.q_norm_gain(q.device) if q_pre is not None else (None, 0.0)
+        norm = self.q_norm if q_pre is not None and gain is None else None
+        return rotated_read(q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm)
+
+    def match(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``prepare_slots``' keys, values and mask in q's dtype and batch (B, n, T, d)."""
         k, v, mask = prepared
         b = q.shape[0]
         if k.dtype != q.dtype:  # autocast made q another dtype
@@ -372,7 +366,71 @@ class BaseAttentionRead:
         if k.shape[0] != b:  # generate() expanded the batch (beams, samples)
             r = b // k.shape[0]
             k, v, mask = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
-        return self._sdpa(q, k, v, mask)
+        return k, v, mask
+
+    def q_norm_gain(self, device: torch.device) -> tuple[torch.Tensor | None, float]:
+        """The q-norm folded into one rms_norm: its fp32 gain on ``device`` and eps; (None, 0.0) where it does not
+        fold (no q-norm, or one of another kind)."""
+        if self._q_fold is None:
+            return None, 0.0
+        key = ("q", device)
+        if key not in self._gains:
+            self._gains[key] = self._q_fold[0].to(device, torch.float32)
+        return self._gains[key], self._q_fold[1]
+
+
+def rotated_read(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
+    view: torch.Tensor | None = None, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
+    tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None, eps: float = 0.0, norm: nn.Module | None = None,
+) -> torch.Tensor:
+    """``BaseAttentionRead.read_rotated``'s maths, a function of tensors (what ``torch.compile`` takes): the read
+    (B, n, T, d) of the slots' k, v (B, n or g, S + 1, d) under the additive mask (B, 1, 1, S + 1) by the queries
+
+    - q (B, n, T, d), the base's after its q-norm and RoPE (``down`` None: no query adapter);
+    - q + rot(up @ down @ view) (``q_pre`` None: the adapter's change after the q-norm);
+    - rot(q_norm(q_pre + up @ down @ view)) (before it), the q-norm an fp32 rms_norm with ``gain`` and ``eps``, or
+      ``norm`` (a module) where it does not fold, or none where both are None;
+
+    rot: RoPE by ``tables`` (cos, signed sin), (B or 1, 1, T, d); none where None."""
+    d = q.shape[-1]
+    if down is not None:
+        b, t, _ = view.shape
+        change = F.linear(F.linear(view, down), up)
+        if q_pre is not None:
+            x = (q_pre + change.to(q_pre.dtype)).view(b, t, -1, d)
+            if gain is not None:
+                x = F.rms_norm(x.float(), (d,), gain, eps).to(x.dtype)
+            elif norm is not None:
+                x = norm(x)
+            x = x.transpose(1, 2)
+        else:
+            x = change.to(q.dtype).view(b, t, -1, d).transpose(1, 2)
+        if tables is not None:
+            cos, ssin = tables
+            x = torch.addcmul(x * cos, x.roll(d // 2, dims=-1), ssin)
+        q = x if q_pre is not None else q + x
+    return slots_sdpa(q, k, v, mask, scaling)
+
+
+def slots_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The read's one SDPA call: q (B, n, T, d), k and v (B, n or g, S + 1, d), the additive mask (B, 1, 1, S + 1)."""
+    if k.shape[1] != q.shape[1]:  # StackedSlots repeats every layer's at once
+        # PyTorch's memory-efficient kernel takes an additive mask but not enable_gqa, and flash takes no mask:
+        # with both, SDPA falls back to its math path, which upcasts to fp32 and keeps the attention weights
+        # for backward (seen in a memory-only training step's saved tensors on the H200). The slots are few,
+        # so their keys and values are repeated over the query groups instead (equal results). A mask that
+        # needs a gradient keeps the math path on the CPU all the same.
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+
+
+def site_read(out: torch.Tensor, tanh_gate: torch.Tensor, *args: Any) -> torch.Tensor:
+    """``add_read_heads(out, rotated_read(*args), tanh_gate)``: a layer's whole read on the fast path, one function
+    for ``torch.compile`` (``GMA6Config.compile_read``)."""
+    return add_read_heads(out, rotated_read(*args), tanh_gate)
 
 
 def add_read_heads(out: torch.Tensor, read: torch.Tensor, tanh_gate: torch.Tensor) -> torch.Tensor:
@@ -473,7 +531,7 @@ class StackedSlots:
         k = torch.cat([k, zero], dim=3)
         v = torch.cat([v, zero], dim=3)
         if r0.groups > 1 and all(r.groups == r0.groups for r in self.reads):
-            # repeated over the query groups here for every layer at once (two kernels a segment, not two a layer: see _sdpa)
+            # repeated over the query groups here for every layer at once (two kernels a segment, not two a layer: see slots_sdpa)
             k, v = k.repeat_interleave(r0.groups, dim=2), v.repeat_interleave(r0.groups, dim=2)
         # Each layer's mask is a view into one tensor: its rows padded to a multiple of 8 entries, so every
         # layer's view starts 16-byte aligned (CUDA's memory-efficient SDPA fails with "misaligned address"

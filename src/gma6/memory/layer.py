@@ -26,7 +26,12 @@ class LowRank(nn.Module):
         # The weights (a few thousand entries) are cast, not x: a (B, T, H) input cast up to fp32 would keep an
         # fp32 copy of every token's hidden state for backward at every read (H200, batch 8 x 4k: 2.7 GiB of a
         # step's saved tensors).
-        return F.linear(F.linear(x, self._weight(self.down, x.dtype)), self._weight(self.up, x.dtype))
+        down, up = self.weights(x.dtype)
+        return F.linear(F.linear(x, down), up)
+
+    def weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The down (r, dim) and up (out_dim, r) weights in ``dtype`` (``x -> up @ down @ x``)."""
+        return self._weight(self.down, dtype), self._weight(self.up, dtype)
 
     def _weight(self, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
         """``linear``'s weight in ``dtype``; without autograd the cast is kept until the weight changes (a cast is a
