@@ -280,3 +280,43 @@ def test_persistent_slots_are_checked():
         _config(persistent_slots=-1)
     with pytest.raises(ValueError, match="needs read_rule='base'"):
         GMA6Config(persistent_slots=2)
+
+
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}])
+def test_compile_read_equals_the_eager_read(kind):
+    """compile_read=True: each layer's read on the fast path goes through torch.compile (it ran: dynamo captured it)
+    and equals the eager read, for segments of two lengths and in generate; training stays eager, with equal
+    gradients."""
+    from torch._dynamo.utils import counters
+
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(6))
+    eager, compiled = _trained(tiny_gemma3(layers=4).float(), **kind), _trained(tiny_gemma3(layers=4).float(), compile_read=True, **kind)
+    assert compiled._compiled_read is not None and eager._compiled_read is None
+    captured = counters["stats"]["calls_captured"]
+    with torch.no_grad():
+        logits = []
+        for mm in (eager, compiled):
+            state = mm(input_ids=ids[:, :8]).memory_state
+            logits.append((mm(input_ids=ids[:, 8:], memory_state=state, write=False).logits,
+                           mm(input_ids=ids[:, 3:], memory_state=state, write=False).logits,
+                           mm.generate(ids[:, :4], memory_state=state, max_new_tokens=4, do_sample=False)))
+    assert counters["stats"]["calls_captured"] > captured
+    for a, b in zip(*logits):
+        assert torch.equal(a, b) if a.dtype == torch.long else torch.allclose(a, b, atol=1e-5)
+    grads = []
+    for mm in (eager, compiled):
+        mm.train()
+        state = mm(input_ids=ids[:, :8]).memory_state
+        mm(input_ids=ids[:, 8:], memory_state=state, labels=ids[:, 8:]).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in mm.controller.parameters() if p.grad is not None]))
+    assert grads[0].abs().max() > 0 and torch.allclose(*grads, atol=1e-6)
+
+
+def test_compile_read_needs_the_attention_function():
+    with pytest.raises(ValueError, match="compile_read=True .* read_site='attention'"):
+        _config(read_site="residual", compile_read=True)
+    eager = tiny_gemma3(layers=4)
+    eager.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="compile_read=True .* attention implementation"):
+        attach_memory(eager, _config(compile_read=True))
+    assert hook_count(eager) == 0 and eager.config._attn_implementation == "eager"
