@@ -6,7 +6,7 @@ Where the GPU is launch-bound (small batches, a small model), the memory's cost 
 share of extra operator calls and kernel launches; this measures that share on any machine.
 
     python benchmarks/count_ops.py [--model M] [--adapter DIR [--kind-only]] [--tokens 64] [--device cpu] [--dtype float32]
-                                   [--compile-read] [--out results/ops-cpu.json]
+                                   [--out results/ops-cpu.json]
 """
 
 from __future__ import annotations
@@ -103,7 +103,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--compile-read", action="store_true", help="the memory with compile_read=True")
     ap.add_argument("--out", default="results/ops-cpu.json")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
@@ -113,10 +112,9 @@ def main() -> None:
     elif args.kind_only:
         import dataclasses
 
-        mm = gma6.attach_memory(base, dataclasses.replace(gma6.GMA6Config.load(args.adapter), lora_rank=0,
-                                                          compile_read=args.compile_read))
+        mm = gma6.attach_memory(base, dataclasses.replace(gma6.GMA6Config.load(args.adapter), lora_rank=0))
     else:
-        mm = gma6.load_adapter(base, args.adapter, compile_read=args.compile_read)
+        mm = gma6.load_adapter(base, args.adapter)
     ids = torch.randint(3, 1000, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
     mask = torch.ones_like(ids, dtype=torch.bool)
     state = mm.init_state(args.batch)
@@ -144,7 +142,7 @@ def main() -> None:
     result = {"command": "python " + shlex.join(sys.argv), "date": time.strftime("%Y-%m-%d"),
               "device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
               "torch": torch.__version__, "adapter": args.adapter, "memory_layers": mm.config.layers,
-              "compile_read": args.compile_read, "tokens": args.tokens, "batch": args.batch, "ops": ops,
+              "tokens": args.tokens, "batch": args.batch, "ops": ops,
               "extra_over_base": {
                   k: {kind: round(ops[k][kind] / ops["base"][kind] - 1, 4) for kind in ("all", "compute")}
                   for k in ("memory_read", "memory_read_write")},

@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--segments", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, help="list this many gma6 functions by own time (0: none)")
-    ap.add_argument("--compile-read", action="store_true", help="the memory with compile_read=True")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.tokens < 1 or args.segments < 1 or args.repeats < 1:
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     adapter = args.adapter or default_adapter()
     base = stack_like_270m()
-    mm = attach_memory(base, dataclasses.replace(kind_of(adapter), compile_read=args.compile_read))
+    mm = attach_memory(base, kind_of(adapter))
     ids = torch.randint(3, 500, (1, args.tokens * args.segments), generator=torch.Generator().manual_seed(0))
     runs = {s: _runner(s, mm, ids, args.tokens) for s in ("base_segments", "memory")}
     with torch.no_grad():
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
         "date": dt.date.today().isoformat(),
         "machine": f"{platform.machine()} CPU, 1 thread, torch {torch.__version__}",
-        "config": {"adapter_kind": str(adapter), "compile_read": args.compile_read, "tokens": args.tokens, "segments": args.segments,
+        "config": {"adapter_kind": str(adapter), "tokens": args.tokens, "segments": args.segments,
                    "repeats": args.repeats, "layers": 18, "hidden": 64},
         "rows": [{"system": s, "ms_per_segment": round(v, 4)} for s, v in ms.items()],
         "ratio": round(ms["memory"] / ms["base_segments"], 4),

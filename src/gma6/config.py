@@ -88,11 +88,6 @@ class GMA6Config:
         use_half_precision: run the base in bf16 (fp16 where bf16 is unsupported); gates stay fp32.
         use_4bit_quantization: load the frozen base in 4 bits (bitsandbytes).
         gradient_checkpointing: recompute the base's activations in backward.
-        compile_read: read through ``torch.compile``'s fusion of each layer's read (``read_site="attention"`` on
-            the base's attention function, without autograd): fewer kernels and less host work a layer, which
-            is what a launch-bound GPU waits on. The first segments compile (tens of seconds, once per process
-            and shape family); training and the explicit reads stay eager. Needs a compiler for the device
-            (Triton on CUDA, a C++ compiler on the CPU).
         lora_rank: rank of the LoRA co-trained on the base's attention (0: none); set by
             ``add_lora``, saved with the adapter.
         lora_alpha: LoRA scaling numerator (None: ``2 * lora_rank``).
@@ -127,7 +122,6 @@ class GMA6Config:
     use_half_precision: bool = False
     use_4bit_quantization: bool = False
     gradient_checkpointing: bool = False
-    compile_read: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -173,9 +167,6 @@ class GMA6Config:
             raise ValueError(f"read_query={self.read_query!r}: expected one of {READ_QUERIES}")
         if self.read_query != "before_norm" and not self.read_rank:
             raise ValueError(f"read_query={self.read_query!r} places the read's query adaptation: it needs read_rank > 0")
-        if self.compile_read is True and self.read_site != "attention":
-            raise ValueError("compile_read=True compiles the read inside the base's attention: it needs "
-                             f"read_site='attention' (got {self.read_site!r})")
         _check_non_negative_int("persistent_slots", self.persistent_slots)
         if self.persistent_slots and self.read_rule != "base":
             raise ValueError(f"persistent_slots={self.persistent_slots} are read by the base read: it needs read_rule='base'")
@@ -214,8 +205,7 @@ class GMA6Config:
                 isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected a non-empty list of module names")
         self.lora_targets = list(self.lora_targets)
-        for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing",
-                     "compile_read"):
+        for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
 

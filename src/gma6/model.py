@@ -19,8 +19,7 @@ from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
 from .memory.attention import read_dtype
-from .memory.base_read import (BaseAttentionRead, StackedSlots, add_read, add_read_heads, compiled_site_read, find_rotary,
-                               log_usage, rotated_read)
+from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage
 from .site import AttentionSites, supported
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
@@ -86,8 +85,6 @@ class MemoryModel(MemoryWrapper):
         # a query adapter on the fast path: per memory layer, the base's rotary tables (from entering its attention),
         # then the q projection's input and output (for the adapter's change)
         self._site_query: dict[int, list] = {}
-        # GMA6Config.compile_read: site_read compiled (the fast path's whole read of a layer, without autograd)
-        self._compiled_read: Any = None
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -124,12 +121,6 @@ class MemoryModel(MemoryWrapper):
                 if (all(r.fusable for r in self._base_reads)
                         and all(supported(getattr(getattr(a, "config", None), "_attn_implementation", None)) for a in attns)):
                     self._sites = AttentionSites({a: self._make_site_rotated(slot) for slot, a in enumerate(attns)})
-            if self.config.compile_read:
-                if self._sites is None:
-                    raise ValueError("compile_read=True compiles the read on the base's attention function: it needs "
-                                     "read_rule='base', read_site='attention' and a base whose attention implementation "
-                                     "is sdpa, flash or flex (with no logit softcapping)")
-                self._compiled_read = compiled_site_read()
         except BaseException:
             self.detach()
             raise
@@ -261,10 +252,7 @@ class MemoryModel(MemoryWrapper):
                 embeddings, positions, view, q_pre = got
                 args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope),
                         None if read.query_after_norm else q_pre)
-            args = read.rotated_args(*args)
-            if self._compiled_read is not None and args[-1] is None and not torch.is_grad_enabled():
-                return self._compiled_read(out, gate, *args)
-            return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
+            return add_read_heads(out, self._recomputed(read.read_rotated, *args), gate)
 
         return site
 

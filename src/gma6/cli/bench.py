@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -49,9 +48,6 @@ def bench(
     adapter: Optional[Path] = typer.Option(
         None, help="Time this adapter's kind of memory (its config; its LoRA left out, which merges into the base "
                    "for reading). Default: a fresh GMA6Config() memory."),
-    compile_read: bool = typer.Option(
-        False, "--compile-read", help="Time the memory with compile_read=True (each layer's read fused by torch.compile; "
-                                      "the warm-up passes compile it)."),
 ) -> None:
     """Reading throughput (tokens/s) and peak memory: bare base per segment, memory, bare base in one pass."""
     import torch
@@ -83,8 +79,7 @@ def bench(
             train_full_master=train_full_master,
             paired=paired,
             seed=seed,
-            memory=dataclasses.replace(_adapter_kind(adapter) if adapter is not None else b.BenchConfig().memory,
-                                       compile_read=compile_read),
+            **({"memory": _adapter_kind(adapter)} if adapter is not None else {}),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -104,6 +99,8 @@ def bench(
 
 def _adapter_kind(directory: Path):
     """The memory config of a saved adapter, without its LoRA (what the bench times is the memory)."""
+    import dataclasses
+
     from ..config import GMA6Config
 
     try:

@@ -12,9 +12,6 @@ memory's training has to learn is which tokens to keep and how much of the read 
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -350,22 +347,13 @@ class BaseAttentionRead:
         and signed sin at p), the query is ``rotated_read``'s: after the norm, the base's q plus the adapter's
         change rotated alone (RoPE is linear); before it (``q_pre``, the q projection's output (B, T, n*d)), the
         changed projection normed and rotated again."""
-        return rotated_read(*self.rotated_args(q, prepared, view, q_adapter, tables, q_pre))
-
-    def rotated_args(
-        self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        view: torch.Tensor | None = None, q_adapter: nn.Module | None = None,
-        tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
-    ) -> tuple:
-        """``read_rotated``'s arguments as ``rotated_read`` takes them (tensors, the scaling and the q-norm's eps; its
-        last, the q-norm module, is None unless the norm does not fold into one rms_norm)."""
         k, v, mask = self.match(q, prepared)
         down = up = None
         if q_adapter is not None:
             down, up = q_adapter.weights(view.dtype)
         gain, eps = self.q_norm_gain(q.device) if q_pre is not None else (None, 0.0)
         norm = self.q_norm if q_pre is not None and gain is None else None
-        return q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm
+        return rotated_read(q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm)
 
     def match(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``prepare_slots``' keys, values and mask in q's dtype and batch (B, n, T, d)."""
@@ -435,19 +423,6 @@ def slots_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-
-
-def site_read(out: torch.Tensor, tanh_gate: torch.Tensor, *args: Any) -> torch.Tensor:
-    """``add_read_heads(out, rotated_read(*args), tanh_gate)``: a layer's whole read on the fast path, one function
-    for ``torch.compile`` (``GMA6Config.compile_read``)."""
-    return add_read_heads(out, rotated_read(*args), tanh_gate)
-
-
-@functools.cache
-def compiled_site_read() -> Callable[..., torch.Tensor]:
-    """``site_read`` through ``torch.compile`` (one per process: every layer and model shares its compiled graphs,
-    which dynamo keys by the query kind and dtypes; sizes are symbolic, so a new batch or segment length reuses them)."""
-    return torch.compile(site_read, fullgraph=True, dynamic=True)
 
 
 def add_read_heads(out: torch.Tensor, read: torch.Tensor, tanh_gate: torch.Tensor) -> torch.Tensor:
