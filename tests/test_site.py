@@ -106,6 +106,28 @@ def test_a_query_adapter_reads_through_the_attention_function(read_query):
     assert (differs - got).abs().max() > 1e-3
 
 
+def test_read_query_none_adapts_only_the_slots():
+    """read_query="none": key and value adapters (once a segment, on the slots), no query adapter; its read equals the
+    hooks' on an eager base and the explicit read, and differs from the same adapter without its key and value changes."""
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(1))
+    sdpa, eager = tiny_gemma3(layers=4).float(), tiny_gemma3(layers=4).float()
+    eager.config._attn_implementation = "eager"
+    a, b = _trained(sdpa, read_rank=2, read_query="none"), _trained(eager, read_rank=2, read_query="none")
+    assert all(m.read_q is None and m.read_k is not None and m.read_v is not None for m in a.controller.layers)
+    assert not any(".read_q." in n for n in a.controller.state_dict())
+    with torch.no_grad():
+        state = a(input_ids=ids[:, :8]).memory_state
+        got = a(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+        want = b(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+        explicit = a(input_ids=ids[:, 8:], memory_state=state, write=False, return_stats=True).logits
+        for m in a.controller.layers:
+            m.read_k.up.weight.zero_()
+            m.read_v.up.weight.zero_()
+        plain = a(input_ids=ids[:, 8:], memory_state=state, write=False).logits
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got, explicit, atol=1e-5)
+    assert (plain - got).abs().max() > 1e-4
+
+
 def test_read_query_is_checked():
     with pytest.raises(ValueError, match="read_query='within'"):
         _config(read_rank=2, read_query="within")
@@ -117,7 +139,7 @@ def test_gradients_and_checkpointing_through_the_attention_function():
     """Memory gradients equal with and without the base's gradient checkpointing (the site runs again in
     the recomputation), and equal the hook path's."""
     ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(2))
-    for kind in ({}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}):
+    for kind in ({}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}, {"read_rank": 2, "read_query": "none"}):
         _grads_agree(ids, kind)
 
 
@@ -137,7 +159,8 @@ def _grads_agree(ids, kind):
         assert torch.allclose(grads[0], g, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}])
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"},
+                                  {"read_rank": 2, "read_query": "none"}])
 def test_generate_reads_through_the_attention_function(kind):
     base = tiny_gemma3(layers=4)
     ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -163,7 +186,8 @@ def test_unsupported_implementations():
     assert base.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}])
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"},
+                                  {"read_rank": 2, "read_query": "none"}])
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma2"])
 def test_other_families_read_through_their_attention_function(family, kind):
     """Llama, Qwen2 and Mistral (no q/k norms, their own RoPE tables) read through the attention function and agree
@@ -191,7 +215,8 @@ def test_other_families_read_through_their_attention_function(family, kind):
     assert base.config._attn_implementation == impl and hook_count(base) == 0
 
 
-@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"}, {"read_site": "residual"}])
+@pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"},
+                                  {"read_rank": 2, "read_query": "none"}, {"read_site": "residual"}])
 def test_persistent_slots_are_read_by_every_path_trained_and_saved(tmp_path, kind):
     """persistent_slots: learned slots before the written ones. A fresh memory's outputs are the bare base's (gate 0);
     trained, even an empty memory reads them, the same through the attention function, the hooks (eager base) and

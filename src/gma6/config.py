@@ -15,7 +15,7 @@ ADDRESSING = ("content", "content+usage")
 WRITE_RULES = ("slots", "tokens")
 READ_RULES = ("memory", "base")
 READ_SITES = ("residual", "attention")
-READ_QUERIES = ("before_norm", "after_norm")
+READ_QUERIES = ("before_norm", "after_norm", "none")
 PERSISTENT_READS = ("always", "answer")
 RETENTIONS = ("recent", "priority")
 
@@ -72,7 +72,8 @@ class GMA6Config:
             its queries: ``RoPE(qnorm(W_q x) + U V x)``). "after_norm" lets ``read_site="attention"`` read from
             the base's own finished queries (one RoPE of the change instead of the read's own q-norm and RoPE
             of every query: the fast path); the two are different functions, so an adapter trained with one
-            is not the other.
+            is not the other. "none": no query adaptation, only the slots' keys and values are adapted (work
+            once a segment, not at every token: the read costs what it costs without adapters).
         persistent_slots: with ``read_rule="base"``, learned slots every read sees before the written ones (never
             written, the same in every sample: a prefix the memory learns, as prefix tuning, without touching the
             base). Each layer's persistent slots get one learned logit bias, starting at -4 (nearly unread). 0: none.

@@ -55,7 +55,7 @@ class MemoryController(nn.Module):
             EnhancedMemoryLayer(
                 config.hidden_size, dim, config.num_heads, config.forget_bias, config.input_bias, config.output_gate_bias,
                 config.write_rule, config.read_rule, config.token_retention, config.read_rank,
-                read_width if config.read_site == "attention" else None,
+                read_width if config.read_site == "attention" else None, config.read_query,
             )
             for _ in self.layer_ids
         )

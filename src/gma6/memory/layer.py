@@ -83,6 +83,7 @@ class EnhancedMemoryLayer(nn.Module):
         retention: str = "recent",
         read_rank: int = 0,
         read_width: int | None = None,
+        read_query: str = "before_norm",
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -97,7 +98,7 @@ class EnhancedMemoryLayer(nn.Module):
             self.sink = nn.Parameter(torch.zeros(()))
             # the memory's own low-rank change of the read's query, key and value inputs (zero at start); read
             # inside the attention, the query's change is added to the q projection's output
-            self.read_q = LowRank(hidden_size, read_rank, width) if read_rank else None
+            self.read_q = LowRank(hidden_size, read_rank, width) if read_rank and read_query != "none" else None
             self.read_k = LowRank(hidden_size, read_rank) if read_rank else None
             self.read_v = LowRank(hidden_size, read_rank) if read_rank else None
         else:
