@@ -44,7 +44,7 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     assert len(pairs) == 4 and all(p["ratio"] > 0 for p in pairs)
     assert data["summary"]["train_memory_over_train_full"]["step_time"] > 0
     paired = data["summary"]["paired_memory_over_base_segments"]
-    assert paired["pairs"] == 4 and paired["median"] > 0 and paired["segment"] == 16
+    assert paired["pairs"] == 4 and paired["median"] > 0 and paired["segment"] == 16 and paired["batch"] == 2
     assert data["command"] == "pytest" and data["dtype"] == "float32"
 
 
@@ -115,6 +115,8 @@ def test_parse_tokens_and_config_checks():
         BenchConfig(systems=["nope"])
     with pytest.raises(ValueError, match="contexts"):
         BenchConfig(contexts=[])
+    with pytest.raises(ValueError, match="paired_batch"):
+        BenchConfig(paired_batch=0)
     assert summarize([]) == {}
 
 

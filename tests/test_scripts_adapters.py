@@ -1,4 +1,4 @@
-"""scripts/grow_read_rank.py: a saved adapter's read adapters grown to a higher rank compute the same function."""
+"""scripts/grow_read_rank.py, drop_read_query.py and convert_read_query.py: saved adapters made into others."""
 
 from __future__ import annotations
 
@@ -136,3 +136,28 @@ def test_compare_adapters_says_how_far_apart_two_saved_adapters_are(tmp_path):
     other.detach()
     r = run(tmp_path / "other")
     assert r.returncode == 2 and "different configs" in r.stderr
+
+
+def test_drop_read_query_keeps_everything_but_the_query_adapter(tmp_path):
+    """scripts/drop_read_query.py: the same adapter with read_query="none" (its key and value adapters and the rest
+    kept), which reads as the original with its query adapters zeroed; an adapter without one is refused."""
+    base = tiny_gemma3(layers=4).float()
+    mm = attach_memory(base, _config())
+    perturb(mm)
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(2))
+    mm.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        for layer in mm.controller.layers:
+            layer.read_q.up.weight.zero_()
+        want = mm(input_ids=ids[:, 8:], memory_state=mm(input_ids=ids[:, :8]).memory_state).logits
+    mm.detach()
+    subprocess.run([sys.executable, str(SCRIPTS / "drop_read_query.py"), "--adapter", str(tmp_path / "a"),
+                    "--out", str(tmp_path / "b")], check=True)
+    dropped = gma6.load_adapter(base, tmp_path / "b")
+    assert dropped.config.read_query == "none" and all(m.read_q is None for m in dropped.controller.layers)
+    with torch.no_grad():
+        got = dropped(input_ids=ids[:, 8:], memory_state=dropped(input_ids=ids[:, :8]).memory_state).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    r = subprocess.run([sys.executable, str(SCRIPTS / "drop_read_query.py"), "--adapter", str(tmp_path / "b"),
+                        "--out", str(tmp_path / "c")], capture_output=True, text=True)
+    assert r.returncode != 0 and "has no read-query adapter" in r.stderr and not (tmp_path / "c").exists()

@@ -94,8 +94,11 @@ class BenchConfig:
             fine-tuning learning rate mostly round away (1e-5 changes ~10 % of Gemma 3 270M's bf16
             weights). The memory-only step always keeps the frozen base in its own dtype.
         paired: segments timed in pairs (bare base, then memory forward with the state carried,
-            order alternating) at batch 1 and the shortest segment length; on a shared machine the
-            pairs see the same load, so their ratios are steadier than whole passes (0: skip).
+            order alternating) at ``paired_batch`` and the longest segment length; on a shared machine
+            the pairs see the same load, so their ratios are steadier than whole passes (0: skip).
+        paired_batch: the batch of the paired segments (None: the largest of ``batches``, the shape
+            the targets name). Sessions before 2026-11-27's sixteenth timed them at batch 1 and the
+            shortest segment.
         seed: of the random tokens.
         memory: the memory attached for ``memory`` and ``train_memory``.
     """
@@ -119,6 +122,7 @@ class BenchConfig:
     train_checkpointing: bool = False
     train_full_master: bool = True
     paired: int = 0
+    paired_batch: int | None = None
     seed: int = 0
     memory: GMA6Config = field(default_factory=GMA6Config)
 
@@ -141,6 +145,9 @@ class BenchConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name}={v!r}: expected a non-negative int")
+        if self.paired_batch is not None and (isinstance(self.paired_batch, bool) or not isinstance(
+                self.paired_batch, int) or self.paired_batch <= 0):
+            raise ValueError(f"paired_batch={self.paired_batch!r}: expected a positive int or None")
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -557,10 +564,11 @@ def run_frozen_floor(
 
 def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.device, say: Callable[[str], None]) -> dict[str, Any]:
     """Throughput ratio memory / bare base from segments timed in alternating pairs."""
-    seg, n = min(config.segments), config.paired
-    ids = _tokens(vocab, 1, seg * n, config.seed + 3, device)
+    seg, n = max(config.segments), config.paired
+    batch = config.paired_batch or max(config.batches)
+    ids = _tokens(vocab, batch, seg * n, config.seed + 3, device)
     segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), seg)
-    state = mm.init_state(1)
+    state = mm.init_state(batch)
     t_base: list[float] = []
     t_mem: list[float] = []
 
@@ -572,9 +580,10 @@ def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.devi
         return time.perf_counter() - t0, out
 
     with torch.no_grad():
-        for k, (s_ids, s_mask) in enumerate(segs):
-            run_base = lambda: mm.base(input_ids=s_ids, attention_mask=s_mask.long(), logits_to_keep=1)  # noqa: E731
-            run_mem = lambda: mm(input_ids=s_ids, attention_mask=s_mask, memory_state=state, logits_to_keep=1)  # noqa: E731
+        # full segments: neither system gets a padding mask (as read() and base_segments run them)
+        for k, (s_ids, _) in enumerate(segs):
+            run_base = lambda: mm.base(input_ids=s_ids, logits_to_keep=1, use_cache=False)  # noqa: E731
+            run_mem = lambda: mm(input_ids=s_ids, memory_state=state, logits_to_keep=1)  # noqa: E731
             for which in ("base", "memory") if k % 2 == 0 else ("memory", "base"):
                 if which == "base":
                     t_base.append(timed(run_base)[0])
@@ -587,13 +596,13 @@ def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.devi
     median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
     result = {
         "segment": seg,
-        "batch": 1,
+        "batch": batch,
         "pairs": len(ratios),
         "median": round(median, 4),
         "ratio_of_totals": round(sum(t_base) / sum(t_mem), 4),
         "ratio_of_fastest": round(min(t_base) / min(t_mem), 4),
     }
-    say(f"paired segments ({len(ratios)} x {seg} tokens): memory / base throughput median {result['median']:.3f}, "
+    say(f"paired segments ({len(ratios)} x {batch} x {seg} tokens): memory / base throughput median {result['median']:.3f}, "
         f"of totals {result['ratio_of_totals']:.3f}")
     return result
 

@@ -42,6 +42,8 @@ def bench(
     train_positions: Optional[int] = typer.Option(
         None, help="Loss at this many positions a segment, as gma6 train scores (default: every token)."),
     paired: int = typer.Option(0, help="Also time this many segments in alternating base/memory pairs (a steadier ratio on a busy machine)."),
+    paired_batch: Optional[int] = typer.Option(None, help="Batch of the paired segments (default: the largest --batch; "
+                                                           "their segment is the longest --segment)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: torch's choice)."),
     seed: int = typer.Option(0, help="Seed of the random tokens."),
     out: Optional[Path] = typer.Option(None, help="JSON output; default results/bench-<device>.json (the plot goes beside it as .png)."),
@@ -78,6 +80,7 @@ def bench(
             train_checkpointing=train_checkpointing,
             train_full_master=train_full_master,
             paired=paired,
+            paired_batch=paired_batch,
             seed=seed,
             **({"memory": _adapter_kind(adapter)} if adapter is not None else {}),
         )
