@@ -347,15 +347,15 @@ class BaseAttentionRead:
         and signed sin at p), the query is ``rotated_read``'s: after the norm, the base's q plus the adapter's
         change rotated alone (RoPE is linear); before it (``q_pre``, the q projection's output (B, T, n*d)), the
         changed projection normed and rotated again."""
-        k, v, mask = self.match(q, prepared)
+        k, v, mask = self._matched(q, prepared)
         down = up = None
         if q_adapter is not None:
             down, up = q_adapter.weights(view.dtype)
-        gain, eps = self.q_norm_gain(q.device) if q_pre is not None else (None, 0.0)
+        gain, eps = self._q_norm_gain(q.device) if q_pre is not None else (None, 0.0)
         norm = self.q_norm if q_pre is not None and gain is None else None
         return rotated_read(q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm)
 
-    def match(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def _matched(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``prepare_slots``' keys, values and mask in q's dtype and batch (B, n, T, d)."""
         k, v, mask = prepared
         b = q.shape[0]
@@ -366,7 +366,7 @@ class BaseAttentionRead:
             k, v, mask = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
         return k, v, mask
 
-    def q_norm_gain(self, device: torch.device) -> tuple[torch.Tensor | None, float]:
+    def _q_norm_gain(self, device: torch.device) -> tuple[torch.Tensor | None, float]:
         """The q-norm folded into one rms_norm: its fp32 gain on ``device`` and eps; (None, 0.0) where it does not
         fold (no q-norm, or one of another kind)."""
         if self._q_fold is None:
@@ -383,7 +383,7 @@ def rotated_read(
     tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
     gain: torch.Tensor | None = None, eps: float = 0.0, norm: nn.Module | None = None,
 ) -> torch.Tensor:
-    """``BaseAttentionRead.read_rotated``'s maths, a function of tensors (what ``torch.compile`` takes): the read
+    """``BaseAttentionRead.read_rotated``'s maths as a function of tensors: the read
     (B, n, T, d) of the slots' k, v (B, n or g, S + 1, d) under the additive mask (B, 1, 1, S + 1) by the queries
 
     - q (B, n, T, d), the base's after its q-norm and RoPE (``down`` None: no query adapter);
