@@ -97,8 +97,7 @@ class BenchConfig:
             order alternating) at ``paired_batch`` and the longest segment length; on a shared machine
             the pairs see the same load, so their ratios are steadier than whole passes (0: skip).
         paired_batch: the batch of the paired segments (None: the largest of ``batches``, the shape
-            the targets name). Sessions before 2026-11-27's sixteenth timed them at batch 1 and the
-            shortest segment.
+            the targets name).
         seed: of the random tokens.
         memory: the memory attached for ``memory`` and ``train_memory``.
     """

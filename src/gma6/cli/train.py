@@ -39,8 +39,8 @@ def train(
                 "(the base's attention stays untouched; 0: none)."),
     read_query: str = typer.Option(
         "before_norm", help="With --read-rank: where the query's change enters, before_norm (before the base's q-norm) or "
-                            "after_norm (after it, rotated with the base's queries: with --read-site attention the "
-                            "read then takes the base's finished queries, the fast path), or none (only the slots' keys "
+                            "after_norm (after it, rotated with the base's queries: the read then takes the base's "
+                            "finished queries and rotates only the change), or none (only the slots' keys "
                             "and values are adapted: once a segment, no work at every token)."),
     persistent_slots: int = typer.Option(
         0, help="With --read-rule base: learned slots every read sees before the written ones (a learned prefix; "
