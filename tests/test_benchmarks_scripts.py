@@ -73,3 +73,29 @@ def test_host_overhead_refuses_a_non_positive_count():
     ho = _host_overhead()
     with pytest.raises(SystemExit, match="must be positive"):
         ho.main(["--segments", "0"])
+
+
+def test_segment_parts_times_each_part_of_a_segment(tiny_checkpoint, tmp_path):  # noqa: F811
+    """benchmarks/segment_parts.py: every part of a segment timed (the write and the slots' preparation alone too),
+    host never after wall; a bad count is refused."""
+    base, _ = load_base(str(tiny_checkpoint), progress=False)
+    torch.manual_seed(0)
+    mm = attach_memory(base, GMA6Config(num_slots=8, memory_dim=None, num_heads=2, layers=[0, 1], write_rule="tokens",
+                                        tokens_per_segment=4, read_rule="base", token_retention="priority",
+                                        read_site="attention", read_rank=2))
+    mm.save_pretrained(tmp_path / "adapter")
+    mm.detach()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import segment_parts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    out = tmp_path / "parts.json"
+    got = segment_parts.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--batch", "2",
+                              "--tokens", "16", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == got
+    parts = got["parts"]
+    assert set(parts) == {"base", "memory_read", "memory_read_write", "write_alone", "slots_prepared_alone"}
+    assert all(0 < p["host_ms"] <= p["wall_ms"] for p in parts.values())
+    with pytest.raises(SystemExit):
+        segment_parts.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--repeats", "0"])
