@@ -305,3 +305,22 @@ def test_persistent_slots_are_checked():
         _config(persistent_slots=-1)
     with pytest.raises(ValueError, match="needs read_rule='base'"):
         GMA6Config(persistent_slots=2)
+
+
+def test_cuda_graph_read_is_eager_off_cuda_and_needs_the_attention_function():
+    """cuda_graph_read: replays only on CUDA (memory/graphed.py, checked by scripts/gpu_graph_read_check.py on a GPU);
+    on the CPU the read is the eager one, the same logits, no graph captured, the slots not staged. Refused where the
+    read does not run in the attention function."""
+    ids = torch.randint(3, 64, (2, 14), generator=torch.Generator().manual_seed(7))
+    eager = _trained(tiny_gemma3(layers=4).float(), read_rank=2)
+    graphed = _trained(tiny_gemma3(layers=4).float(), read_rank=2, cuda_graph_read=True)
+    assert graphed._graphed is not None and eager._graphed is None
+    with torch.no_grad():
+        want = eager(input_ids=ids[:, 8:], memory_state=eager.read(ids[:, :8], segment_length=4)).logits
+        got = graphed(input_ids=ids[:, 8:], memory_state=graphed.read(ids[:, :8], segment_length=4)).logits
+    assert torch.equal(got, want) and not graphed._graphed._graphs and graphed._graphed._slots is None
+    base = tiny_gemma3(layers=4)
+    base.config._attn_implementation = "eager"
+    with pytest.raises(ValueError, match="cuda_graph_read=True .* attention implementation"):
+        attach_memory(base, _config(cuda_graph_read=True))
+    assert hook_count(base) == 0

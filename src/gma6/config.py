@@ -88,6 +88,10 @@ class GMA6Config:
         use_half_precision: run the base in bf16 (fp16 where bf16 is unsupported); gates stay fp32.
         use_4bit_quantization: load the frozen base in 4 bits (bitsandbytes).
         gradient_checkpointing: recompute the base's activations in backward.
+        cuda_graph_read: on CUDA, replay each layer's read (``read_site="attention"`` on the base's attention
+            function) from a CUDA graph where that is exact (no autograd, full segments at positions 0..T-1, as
+            ``read`` runs them): one launch instead of a dozen a layer, for a launch-bound GPU
+            (``memory/graphed.py``). Elsewhere, and on other devices, the read runs eagerly.
         lora_rank: rank of the LoRA co-trained on the base's attention (0: none); set by
             ``add_lora``, saved with the adapter.
         lora_alpha: LoRA scaling numerator (None: ``2 * lora_rank``).
@@ -122,6 +126,7 @@ class GMA6Config:
     use_half_precision: bool = False
     use_4bit_quantization: bool = False
     gradient_checkpointing: bool = False
+    cuda_graph_read: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -205,7 +210,8 @@ class GMA6Config:
                 isinstance(t, str) and t for t in self.lora_targets):
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected a non-empty list of module names")
         self.lora_targets = list(self.lora_targets)
-        for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing"):
+        for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing",
+                     "cuda_graph_read"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
 

@@ -19,7 +19,8 @@ from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
 from .memory.attention import read_dtype
-from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage
+from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
+from .memory.graphed import GraphedReads
 from .site import AttentionSites, supported
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
@@ -55,6 +56,9 @@ class _Call:
     site_kv: dict[tuple[int, bool], tuple] | None = field(default_factory=dict)
     # read_site="attention", fused: every layer's slots prepared at once (StackedSlots) and tanh(gate), per layer
     site_slots: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    # the segment's positions are 0..T-1 for every row (set where _segment makes them so): a graphed read may use
+    # fixed rotary tables
+    plain_positions: bool = False
     site_gates: list[torch.Tensor] | None = None
     outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # hooked layers' outputs (memory added)
     hiddens: dict[int, torch.Tensor] = field(default_factory=dict)  # the same through their reading norms
@@ -85,6 +89,9 @@ class MemoryModel(MemoryWrapper):
         # a query adapter on the fast path: per memory layer, the base's rotary tables (from entering its attention),
         # then the q projection's input and output (for the adapter's change)
         self._site_query: dict[int, list] = {}
+        # GMA6Config.cuda_graph_read: the reads' CUDA graphs and fixed buffers, and the fixed rotary tables they read
+        self._graphed: GraphedReads | None = None
+        self._plain_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -121,6 +128,12 @@ class MemoryModel(MemoryWrapper):
                 if (all(r.fusable for r in self._base_reads)
                         and all(supported(getattr(getattr(a, "config", None), "_attn_implementation", None)) for a in attns)):
                     self._sites = AttentionSites({a: self._make_site_rotated(slot) for slot, a in enumerate(attns)})
+            if self.config.cuda_graph_read:
+                if self._sites is None:
+                    raise ValueError("cuda_graph_read=True replays the read made inside the base's attention: it needs "
+                                     "read_rule='base', read_site='attention' and a base whose attention implementation "
+                                     "is sdpa, flash or flex (with no logit softcapping)")
+                self._graphed = GraphedReads()
         except BaseException:
             self.detach()
             raise
@@ -252,7 +265,15 @@ class MemoryModel(MemoryWrapper):
                 embeddings, positions, view, q_pre = got
                 args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope),
                         None if read.query_after_norm else q_pre)
-            return add_read_heads(out, self._recomputed(read.read_rotated, *args), gate)
+            args = read.rotated_args(*args)
+            graphed = self._graphed
+            if (graphed is not None and call.plain_positions and query.is_cuda and args[-1] is None
+                    and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and graphed.staged(args[1])):
+                q, k, v, mask, scaling, view, down, up, _, q_pre, gain, eps, _ = args
+                tables = None if down is None else read.plain_tables(q, self._plain_tables)
+                return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
+                                                        gain, eps), gate)
+            return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
 
         return site
 
@@ -427,9 +448,11 @@ class MemoryModel(MemoryWrapper):
         ``full``: every position is a real token (the base then gets no mask to check)."""
         # MemoryOutput carries no KV cache; building one costs the base a few ops a layer
         kwargs.setdefault("use_cache", False)
+        plain = False
         if kwargs.get("position_ids") is None:
             if packed or full:  # real tokens sit at 0, 1, 2, ...; what padding gets is never read
                 kwargs["position_ids"] = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+                plain = True
             else:
                 # Positions count real tokens only, so a left-padded sample sees what it sees alone.
                 kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -449,7 +472,7 @@ class MemoryModel(MemoryWrapper):
         kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
         memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state), answering=not write)
         call = _Call(memory=memory, collect=write, return_stats=return_stats,
-                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=bias)
+                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=bias, plain_positions=plain)
         if not return_stats:
             self._prepare_site(call, input_ids.shape[0])
         if self._pass_kwarg:
@@ -491,7 +514,7 @@ class MemoryModel(MemoryWrapper):
         call.site_slots = self._stacked.prepare(
             call.memory, call.log_usage, torch.stack([m.sink for m in layers]), dtype,
             [m.read_k for m in layers] if adapters else None, [m.read_v for m in layers] if adapters else None,
-            call.rope, rotated=self._sites is not None)
+            call.rope, rotated=self._sites is not None, stage=None if self._graphed is None else self._graphed.stage)
 
     def _log_usage(self, state: MemoryState) -> torch.Tensor | None:
         return log_usage(state.usage) if self._base_reads is not None else None

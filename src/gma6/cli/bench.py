@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
@@ -50,6 +51,9 @@ def bench(
     adapter: Optional[Path] = typer.Option(
         None, help="Time this adapter's kind of memory (its config; its LoRA left out, which merges into the base "
                    "for reading). Default: a fresh GMA6Config() memory."),
+    cuda_graph_read: bool = typer.Option(
+        False, "--cuda-graph-read", help="Time the memory with cuda_graph_read=True (each layer's read replayed from a "
+                                         "CUDA graph; the warm-up passes capture them)."),
 ) -> None:
     """Reading throughput (tokens/s) and peak memory: bare base per segment, memory, bare base in one pass."""
     import torch
@@ -82,7 +86,8 @@ def bench(
             paired=paired,
             paired_batch=paired_batch,
             seed=seed,
-            **({"memory": _adapter_kind(adapter)} if adapter is not None else {}),
+            memory=dataclasses.replace(_adapter_kind(adapter) if adapter is not None else b.BenchConfig().memory,
+                                       cuda_graph_read=cuda_graph_read),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
@@ -102,8 +107,6 @@ def bench(
 
 def _adapter_kind(directory: Path):
     """The memory config of a saved adapter, without its LoRA (what the bench times is the memory)."""
-    import dataclasses
-
     from ..config import GMA6Config
 
     try:

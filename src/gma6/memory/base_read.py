@@ -12,6 +12,8 @@ memory's training has to learn is which tokens to keep and how much of the read 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -347,13 +349,31 @@ class BaseAttentionRead:
         and signed sin at p), the query is ``rotated_read``'s: after the norm, the base's q plus the adapter's
         change rotated alone (RoPE is linear); before it (``q_pre``, the q projection's output (B, T, n*d)), the
         changed projection normed and rotated again."""
+        return rotated_read(*self.rotated_args(q, prepared, view, q_adapter, tables, q_pre))
+
+    def rotated_args(
+        self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        view: torch.Tensor | None = None, q_adapter: nn.Module | None = None,
+        tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
+    ) -> tuple:
+        """``read_rotated``'s arguments as ``rotated_read`` takes them."""
         k, v, mask = self._matched(q, prepared)
         down = up = None
         if q_adapter is not None:
             down, up = q_adapter.weights(view.dtype)
         gain, eps = self._q_norm_gain(q.device) if q_pre is not None else (None, 0.0)
         norm = self.q_norm if q_pre is not None and gain is None else None
-        return rotated_read(q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm)
+        return q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm
+
+    def plain_tables(self, like: torch.Tensor, cache: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cos and signed sin (1, 1, T, d) of positions 0..T-1 (T: ``like``'s second-last size) in ``like``'s
+        dtype, kept in ``cache`` (a dict that outlives forwards: the same tensors every segment)."""
+        if self.rotary is None:
+            return None
+        key = ("plain", self.layer_type, like.shape[-2], like.dtype, like.device)
+        if key not in cache:
+            cache[key] = tuple(t.clone() for t in self._cos_signed_sin(like, None, None, ()))
+        return cache[key]
 
     def _matched(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``prepare_slots``' keys, values and mask in q's dtype and batch (B, n, T, d)."""
@@ -489,9 +509,10 @@ class StackedSlots:
     def prepare(
         self, memory: torch.Tensor, log_usage: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype,
         k_adapters: list[nn.Module] | None = None, v_adapters: list[nn.Module] | None = None, cache: dict | None = None,
-        rotated: bool = False,
+        rotated: bool = False, stage: Callable[..., tuple[torch.Tensor, ...]] | None = None,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """memory (B, L, S, H), log_usage (B, L, S), sinks (L,) -> per layer ``prepare_slots``' (k, v, mask)."""
+        """memory (B, L, S, H), log_usage (B, L, S), sinks (L,) -> per layer ``prepare_slots``' (k, v, mask).
+        ``stage(k, v, mask)``, if given, takes every layer's at once (L leading) and returns where to read them from."""
         b, n_layers, s, h = memory.shape
         r0 = self.reads[0]
         d = r0.head_dim
@@ -532,7 +553,10 @@ class StackedSlots:
         parts = [log_usage.transpose(0, 1).to(dtype), sinks.to(dtype)[:, None, None].expand(n_layers, b, 1)]
         if pad:
             parts.append(parts[1].expand(n_layers, b, pad))  # never read: sliced off below
-        mask = torch.cat(parts, 2)[..., : s + 1]
+        mask = torch.cat(parts, 2)
+        if stage is not None:
+            k, v, mask = stage(k, v, mask)
+        mask = mask[..., : s + 1]
         return list(zip(k.unbind(0), v.unbind(0), mask[:, :, None, None, :].unbind(0)))
 
     def _tables(self, like: torch.Tensor, s: int, cache: dict | None, rotated: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,92 @@
+"""Each memory layer's read replayed from a CUDA graph (``GMA6Config.cuda_graph_read``).
+
+Why: on a GPU the bare 270M's segment is host-bound (H200, 8 x 1024 tokens: 23.8 ms of host for 17.8 ms of kernels),
+and the default's read adds ~0.33 ms of host at each of 17 layers (its query adapter's ~14 operations and the
+hooks' Python) while its kernels would nearly fit in the time the GPU already waits. A graph launches a layer's read
+in one call: per layer and segment two copies of the q projection's input and output (or the base's query) into
+fixed buffers and one replay; the slots of every layer are copied into fixed buffers once a segment.
+
+Used only where it is exact to replay: CUDA, no autograd, full segments at positions 0..T-1 (``read()``'s steps, a
+forward without a padding mask), a q-norm that folds into one rms_norm. Anything else takes the eager read. A graph
+is captured per layer, shape, dtype and adapter weights (their cast copies: a changed weight is a new capture).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base_read import rotated_read
+
+_MAX_GRAPHS = 256  # captured graphs kept (each holds its fixed buffers); beyond, all are dropped and captured anew
+
+
+class GraphedReads:
+    """The fixed buffers and captured graphs of one ``MemoryModel``'s reads."""
+
+    def __init__(self) -> None:
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._slots: tuple[torch.Tensor, ...] | None = None
+        self._pool: Any = None
+
+    def stage(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every layer's slot keys, values and mask (L leading) copied into fixed buffers, which the graphs read."""
+        if not k.is_cuda or torch.is_grad_enabled():
+            return k, v, mask
+        if self._slots is None or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(self._slots, (k, v, mask))):
+            self._slots = (torch.empty_like(k), torch.empty_like(v), torch.empty_like(mask))
+            self.clear()
+        for fixed, new in zip(self._slots, (k, v, mask)):
+            fixed.copy_(new)
+        return self._slots
+
+    def staged(self, k: torch.Tensor) -> bool:
+        """Whether ``k`` (one layer's slot keys) lives in the fixed buffers (a graph may read it in place)."""
+        return self._slots is not None and k.untyped_storage().data_ptr() == self._slots[0].untyped_storage().data_ptr()
+
+    def clear(self) -> None:
+        self._graphs.clear()
+
+    def read(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
+             view: torch.Tensor | None, down: torch.Tensor | None, up: torch.Tensor | None,
+             tables: tuple[torch.Tensor, torch.Tensor] | None, q_pre: torch.Tensor | None, gain: torch.Tensor | None,
+             eps: float) -> torch.Tensor:
+        """``rotated_read`` of layer ``slot`` replayed from its graph (captured on first use). The result is a fixed
+        buffer: use it before this layer's next read."""
+        moving = {"q": q} if q_pre is None else {}
+        if down is not None:
+            moving["view"] = view
+        if q_pre is not None:
+            moving["q_pre"] = q_pre
+        fixed = tuple((id(t), t._version) for t in (down, up, gain, *(tables or ())) if t is not None)
+        key = (slot, q.dtype, tuple((n, tuple(t.shape), t.dtype) for n, t in moving.items()), k.data_ptr(),
+               tuple(k.shape), fixed, scaling, eps)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= _MAX_GRAPHS:
+                self.clear()
+            entry = self._capture(moving, q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps)
+            self._graphs[key] = entry
+        graph, buffers, out = entry
+        for name, t in moving.items():
+            buffers[name].copy_(t)
+        graph.replay()
+        return out
+
+    def _capture(self, moving: dict[str, torch.Tensor], q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps):
+        buffers = {name: t.clone() for name, t in moving.items()}
+
+        def run() -> torch.Tensor:
+            return rotated_read(buffers.get("q", q), k, v, mask, scaling, buffers.get("view"), down, up, tables,
+                                buffers.get("q_pre"), gain, eps)
+
+        side = torch.cuda.Stream(device=q.device)
+        side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side):  # warm-up outside the capture (lazy initialisations, autotuning)
+            run()
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = run()
+        self._pool = graph.pool()  # the layers' graphs replay one after another: they can share one pool
+        return graph, buffers, out
