@@ -183,6 +183,14 @@ def test_every_layers_slots_prepared_at_once_equal_each_layers_own(rank):
             want[:2] = [x.repeat_interleave(read.groups, dim=1) for x in want[:2]]
             for a, b in zip(stacked[i], want):
                 assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+        # stage (cuda_graph_read's fixed buffers): every layer's slots read from where it puts them, the same values
+        kept: list[torch.Tensor] = []
+        staged = mm._stacked.prepare(memory, usage, torch.stack([m.sink for m in layers]), torch.float32,
+                                     adapters("read_k"), adapters("read_v"), {},
+                                     stage=lambda *t: kept.extend(x.clone() for x in t) or tuple(kept))
+        for i in range(len(layers)):
+            for j, (a, b) in enumerate(zip(staged[i], stacked[i])):
+                assert torch.equal(a, b) and a.untyped_storage().data_ptr() == kept[j].untyped_storage().data_ptr()
         assert mm._stacked.applies()
         fast = mm(input_ids=ids, memory_state=state, write=False).logits
         applies, mm._stacked.applies = mm._stacked.applies, lambda: False
