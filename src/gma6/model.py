@@ -556,6 +556,8 @@ class MemoryModel(MemoryWrapper):
             getattr(self, "_site_pending", set()).clear()
             getattr(self, "_site", {}).clear()
             getattr(self, "_site_read", {}).clear()
+            if getattr(self, "_graphed", None) is not None:
+                self._graphed.release()
 
 
 def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> nn.Module:

@@ -31,8 +31,8 @@ class GraphedReads:
 
     def stage(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every layer's slot keys, values and mask (L leading) copied into fixed buffers, which the graphs read."""
-        if not k.is_cuda or torch.is_grad_enabled():
-            return k, v, mask
+        if not k.is_cuda or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return k, v, mask  # inference tensors could not be written outside inference mode later
         if self._slots is None or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(self._slots, (k, v, mask))):
             self._slots = (torch.empty_like(k), torch.empty_like(v), torch.empty_like(mask))
             self.clear()
@@ -45,7 +45,13 @@ class GraphedReads:
         return self._slots is not None and k.untyped_storage().data_ptr() == self._slots[0].untyped_storage().data_ptr()
 
     def clear(self) -> None:
+        """Drop the captured graphs (their buffers and pool with them)."""
         self._graphs.clear()
+
+    def release(self) -> None:
+        """Drop everything held: the graphs and the slots' fixed buffers (``detach``)."""
+        self.clear()
+        self._slots, self._pool = None, None
 
     def read(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
              view: torch.Tensor | None, down: torch.Tensor | None, up: torch.Tensor | None,
