@@ -91,8 +91,8 @@ class GMA6Config:
         cuda_graph_read: on CUDA, replay each layer's read (``read_site="attention"`` on the base's attention
             function) from a CUDA graph where that is exact (no autograd, full segments at positions 0..T-1, as
             ``read`` runs them): one launch instead of a dozen a layer, for a launch-bound GPU
-            (``memory/graphed.py``; fixed buffers of ~40 MB a layer at 8 x 1024 tokens in bf16). Elsewhere, and
-            on other devices, the read runs eagerly.
+            (``memory/graphed.py``; fixed buffers of ~40 MB a layer at 8 x 1024 tokens in bf16). Elsewhere, on
+            other devices and under ``torch.inference_mode`` (as ``gma6 eval`` runs), the read runs eagerly.
         lora_rank: rank of the LoRA co-trained on the base's attention (0: none); set by
             ``add_lora``, saved with the adapter.
         lora_alpha: LoRA scaling numerator (None: ``2 * lora_rank``).
