@@ -24,8 +24,6 @@ import torch
 import gma6
 from gma6.base import default_adapter
 from gma6.io import atomic_write_text
-from gma6.memory.attention import read_dtype
-from gma6.model import _Call
 
 
 def _sync(device: torch.device) -> None:
@@ -69,11 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
         hiddens = caught[: len(mm.config.layers)]
 
         def slots_prepared() -> None:  # as MemoryModel._segment prepares what every layer's read takes
-            memory, bias = mm.controller.read_inputs(state.memory, mm._log_usage(state), answering=False)
-            kv_dtype = read_dtype(mm._hidden_dtype(), state.memory.dtype, False)
-            call = _Call(memory=memory, collect=True, kv=mm.controller.read_keys_values(state.memory, kv_dtype),
-                         log_usage=bias)
-            mm._prepare_site(call, args.batch)
+            mm._prepare_site(mm._make_call(state, write=True), args.batch)
 
         def bare() -> None:
             with mm.memory_disabled():

@@ -19,14 +19,19 @@ from test_cli_eval import tiny_checkpoint  # noqa: F401  (module-scoped fixture)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_saved_bytes_with_and_without_checkpointing(tiny_checkpoint, tmp_path):  # noqa: F811
-    base, _ = load_base(str(tiny_checkpoint), progress=False)
+def _save_adapter(checkpoint: Path, directory: Path) -> None:
+    """A fresh memory of the default's kind (two layers) for the tiny checkpoint, saved in ``directory``."""
+    base, _ = load_base(str(checkpoint), progress=False)
     torch.manual_seed(0)
     mm = attach_memory(base, GMA6Config(num_slots=8, memory_dim=None, num_heads=2, layers=[0, 1], write_rule="tokens",
                                         tokens_per_segment=4, read_rule="base", token_retention="priority",
                                         read_site="attention", read_rank=2))
-    mm.save_pretrained(tmp_path / "adapter")
+    mm.save_pretrained(directory)
     mm.detach()
+
+
+def test_saved_bytes_with_and_without_checkpointing(tiny_checkpoint, tmp_path):  # noqa: F811
+    _save_adapter(tiny_checkpoint, tmp_path / "adapter")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "benchmarks")}
     got = {}
     for ckpt in (False, True):
@@ -78,13 +83,7 @@ def test_host_overhead_refuses_a_non_positive_count():
 def test_segment_parts_times_each_part_of_a_segment(tiny_checkpoint, tmp_path):  # noqa: F811
     """benchmarks/segment_parts.py: every part of a segment timed (the write and the slots' preparation alone too),
     host never after wall; a bad count is refused."""
-    base, _ = load_base(str(tiny_checkpoint), progress=False)
-    torch.manual_seed(0)
-    mm = attach_memory(base, GMA6Config(num_slots=8, memory_dim=None, num_heads=2, layers=[0, 1], write_rule="tokens",
-                                        tokens_per_segment=4, read_rule="base", token_retention="priority",
-                                        read_site="attention", read_rank=2))
-    mm.save_pretrained(tmp_path / "adapter")
-    mm.detach()
+    _save_adapter(tiny_checkpoint, tmp_path / "adapter")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import segment_parts

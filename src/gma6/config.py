@@ -71,8 +71,9 @@ class GMA6Config:
             then q-normed and rotated with it) or "after_norm" (added after the base's q-norm and rotated with
             its queries: ``RoPE(qnorm(W_q x) + U V x)``). "after_norm" reads from the base's own finished
             queries (one RoPE of the change instead of a q-norm and RoPE of every changed query); the two are
-            different functions, so an adapter trained with one is not the other. "none": no query adaptation, only the slots' keys and values are adapted (work
-            once a segment, not at every token: the read costs what it costs without adapters).
+            different functions, so an adapter trained with one is not the other. "none": no query adaptation,
+            only the slots' keys and values are adapted (work once a segment, not at every token: the read costs
+            what it costs without adapters).
         persistent_slots: with ``read_rule="base"``, learned slots every read sees before the written ones (never
             written, the same in every sample: a prefix the memory learns, as prefix tuning, without touching the
             base). Each layer's persistent slots get one learned logit bias, starting at -4 (nearly unread). 0: none.

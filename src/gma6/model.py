@@ -89,9 +89,8 @@ class MemoryModel(MemoryWrapper):
         # a query adapter on the fast path: per memory layer, the base's rotary tables (from entering its attention),
         # then the q projection's input and output (for the adapter's change)
         self._site_query: dict[int, list] = {}
-        # GMA6Config.cuda_graph_read: the reads' CUDA graphs and fixed buffers, and the fixed rotary tables they read
+        # GMA6Config.cuda_graph_read: the reads' CUDA graphs, their fixed buffers and rotary tables
         self._graphed: GraphedReads | None = None
-        self._plain_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -270,7 +269,7 @@ class MemoryModel(MemoryWrapper):
             if (graphed is not None and call.plain_positions and query.is_cuda and args[-1] is None
                     and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and graphed.staged(args[1])):
                 q, k, v, mask, scaling, view, down, up, _, q_pre, gain, eps, _ = args
-                tables = None if down is None else read.plain_tables(q, self._plain_tables)
+                tables = None if down is None else read.plain_tables(q, graphed.tables)
                 return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
                                                         gain, eps), gate)
             return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
@@ -469,10 +468,7 @@ class MemoryModel(MemoryWrapper):
                 base_mask[:, 0] = 1
             else:
                 base_mask[:, 0] |= ~mask.any(dim=1)  # not boolean indexing: that would sync with the device
-        kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
-        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state), answering=not write)
-        call = _Call(memory=memory, collect=write, return_stats=return_stats,
-                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=bias, plain_positions=plain)
+        call = self._make_call(state, write, return_stats, plain_positions=plain)
         if not return_stats:
             self._prepare_site(call, input_ids.shape[0])
         if self._pass_kwarg:
@@ -500,6 +496,15 @@ class MemoryModel(MemoryWrapper):
             new_state = new_state.to("cpu")
         return MemoryOutput(out.logits, getattr(out, "loss", None), new_state, stats,
                             hidden_states=getattr(out, "hidden_states", None), write_loss=write_loss)
+
+    def _make_call(self, state: MemoryState, write: bool, return_stats: bool = False, **fields: Any) -> _Call:
+        """What the hooks read during one forward over ``state``: the memory as read (``write=False``: answering),
+        its keys and values, and (``write``) where to collect the hidden states to write. ``fields``: more of
+        ``_Call``'s."""
+        kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype, return_stats)
+        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state), answering=not write)
+        return _Call(memory=memory, collect=write, return_stats=return_stats,
+                     kv=self.controller.read_keys_values(state.memory, kv_dtype), log_usage=bias, **fields)
 
     def _prepare_site(self, call: _Call, batch: int) -> None:
         """read_site="attention": every layer's slots and gates for the fused read, at once, where
@@ -531,10 +536,7 @@ class MemoryModel(MemoryWrapper):
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
-        kv_dtype = read_dtype(self._hidden_dtype(), state.memory.dtype)
-        memory, bias = self.controller.read_inputs(state.memory, self._log_usage(state), answering=True)
-        self._call = _Call(memory=memory, collect=False, kv=self.controller.read_keys_values(state.memory, kv_dtype),
-                           log_usage=bias, rope=None)
+        self._call = self._make_call(state, write=False, rope=None)
         self._prepare_site(self._call, input_ids.shape[0])
         try:
             return self.base.generate(input_ids=input_ids, attention_mask=mask.long(), **generate_kwargs)

@@ -81,14 +81,21 @@ class BaseAttentionRead:
     def _norm(self, x: torch.Tensor, which: str) -> torch.Tensor:
         """x (..., d) through the layer's q_norm or k_norm (``which``), in fp32 as Gemma's and Qwen's own
         norms compute it."""
+        gain, eps = self._folded(which, x.device)
+        if gain is None:
+            return (self.q_norm if which == "q" else self.k_norm)(x)
+        return F.rms_norm(x.float(), (x.shape[-1],), gain, eps).to(x.dtype)
+
+    def _folded(self, which: str, device: torch.device) -> tuple[torch.Tensor | None, float]:
+        """The q_norm or k_norm (``which``) folded into one rms_norm: its fp32 gain on ``device`` (cached) and eps;
+        (None, 0.0) where it does not fold (no such norm, or one of another kind)."""
         fold = self._q_fold if which == "q" else self._k_fold
         if fold is None:
-            return (self.q_norm if which == "q" else self.k_norm)(x)
-        gain, eps = fold
-        key = (which, x.device)
+            return None, 0.0
+        key = (which, device)
         if key not in self._gains:
-            self._gains[key] = gain.to(x.device, torch.float32)
-        return F.rms_norm(x.float(), (x.shape[-1],), self._gains[key], eps).to(x.dtype)
+            self._gains[key] = fold[0].to(device, torch.float32)
+        return self._gains[key], fold[1]
 
     def _cos_sin(self, like: torch.Tensor, positions: torch.Tensor, cache: dict | None, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """The rotary tables for ``positions`` (B or 1, N), as (B or 1, 1, N, d) in ``like``'s dtype; kept in
@@ -361,7 +368,7 @@ class BaseAttentionRead:
         down = up = None
         if q_adapter is not None:
             down, up = q_adapter.weights(view.dtype)
-        gain, eps = self._q_norm_gain(q.device) if q_pre is not None else (None, 0.0)
+        gain, eps = self._folded("q", q.device) if q_pre is not None else (None, 0.0)
         norm = self.q_norm if q_pre is not None and gain is None else None
         return q, k, v, mask, self.scaling, view, down, up, tables, q_pre, gain, eps, norm
 
@@ -372,7 +379,7 @@ class BaseAttentionRead:
             return None
         key = ("plain", self.layer_type, like.shape[-2], like.dtype, like.device)
         if key not in cache:
-            cache[key] = tuple(t.clone() for t in self._cos_signed_sin(like, None, None, ()))
+            cache[key] = self._cos_signed_sin(like, None, None, ())
         return cache[key]
 
     def _matched(self, q: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -385,16 +392,6 @@ class BaseAttentionRead:
             r = b // k.shape[0]
             k, v, mask = k.repeat_interleave(r, 0), v.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
         return k, v, mask
-
-    def _q_norm_gain(self, device: torch.device) -> tuple[torch.Tensor | None, float]:
-        """The q-norm folded into one rms_norm: its fp32 gain on ``device`` and eps; (None, 0.0) where it does not
-        fold (no q-norm, or one of another kind)."""
-        if self._q_fold is None:
-            return None, 0.0
-        key = ("q", device)
-        if key not in self._gains:
-            self._gains[key] = self._q_fold[0].to(device, torch.float32)
-        return self._gains[key], self._q_fold[1]
 
 
 def rotated_read(

@@ -30,6 +30,8 @@ class GraphedReads:
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._slots: tuple[torch.Tensor, ...] | None = None
         self._pool: Any = None
+        # rotary tables of positions 0..T-1 (BaseAttentionRead.plain_tables): the same tensors every segment
+        self.tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def stage(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every layer's slot keys, values and mask (L leading) copied into fixed buffers, which the graphs read."""
@@ -54,6 +56,7 @@ class GraphedReads:
         """Drop everything held: the graphs and the slots' fixed buffers (``detach``)."""
         self.clear()
         self._slots, self._pool = None, None
+        self.tables.clear()
 
     def read(self, slot: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
              view: torch.Tensor | None, down: torch.Tensor | None, up: torch.Tensor | None,
