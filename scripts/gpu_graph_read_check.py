@@ -1,13 +1,17 @@
-"""GPU check of ``cuda_graph_read``: the same adapter read eagerly and from CUDA graphs over the same segments, in one
-process — memory states and answering logits compared, and a segment's read + write timed against the bare base.
+"""GPU check of the read's fast paths: the same adapter read eagerly, from CUDA graphs (``cuda_graph_read``), through
+the Triton kernel (``triton_read``) or both, over the same segments in one process — memory states and answering
+logits compared with the first variant's, and a segment's read + write timed against the bare base in alternating
+pairs.
 
-    python scripts/gpu_graph_read_check.py --model M [--adapter DIR] [--batch 8] [--tokens 1024] [--segments 6] [--out F]
+    python scripts/gpu_graph_read_check.py --model M [--adapter DIR] [--variants eager,graphed,triton,triton+graphed]
+        [--batch 8] [--tokens 1024] [--segments 6] [--pairs 24] [--out F]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -15,6 +19,44 @@ import torch
 import gma6
 from gma6.base import default_adapter
 from gma6.io import atomic_write_text
+
+
+def _kernel_times(batch: int, tokens: int, reps: int) -> dict[str, float]:
+    """Microseconds a call (between CUDA events around back-to-back calls, after a warm-up: kernels and any host gaps) of one memory layer's read and gated add, the
+    default's kind at the 270M's shape (4 query heads of 256, 129 slots + sink, a rank-8 query adapter before
+    the q-norm): eager (rotated_read + add_read_heads) against triton_read."""
+    from gma6.memory.base_read import add_read_heads, rotated_read
+    from gma6.memory.triton_read import triton_read
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").bfloat16()  # noqa: E731
+    n, d, s1, h, rank = 4, 256, 129, 640, 8
+    ang = torch.rand(tokens, d // 2, generator=g, device="cuda") * 6
+    tables = (torch.cat([ang.cos(), ang.cos()], -1)[None, None].bfloat16(),
+              torch.cat([-ang.sin(), ang.sin()], -1)[None, None].bfloat16())
+    q, k, v = r(batch, n, tokens, d), r(batch, n, s1, d), r(batch, n, s1, d)
+    mask = torch.zeros(batch, 1, 1, s1, device="cuda").bfloat16()
+    kw = dict(view=r(batch, tokens, h), down=r(rank, h) / 25, up=r(n * d, rank) / 3, tables=tables,
+              q_pre=r(batch, tokens, n * d), gain=1 + torch.rand(d, device="cuda"), eps=1e-6)
+    out, gate = r(batch, tokens, n, d), torch.tanh(r(n * d))
+    calls = {"eager": lambda: add_read_heads(out, rotated_read(q, k, v, mask, 0.0625, **kw), gate),
+             "triton": lambda: triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate)}
+    times = {}
+    with torch.no_grad():
+        diff = (calls["triton"]().float() - calls["eager"]().float()).abs().max().item()
+        for name, fn in calls.items():
+            for _ in range(10):
+                fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            torch.cuda.synchronize()
+            times[name] = round(start.elapsed_time(end) * 1000 / reps, 2)
+    times["max_abs_diff"] = diff
+    print("read call, us:", times)
+    return times
 
 
 def main() -> None:
@@ -25,15 +67,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--segments", type=int, default=6)
     ap.add_argument("--pairs", type=int, default=24)
+    ap.add_argument("--variants", default="eager,graphed",
+                    help="comma-separated: eager, graphed, triton, triton+graphed (the first is the reference)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kernel-reps", type=int, default=200, help="time a call of one layer's read at the "
+                    "270M's shape, eager against the Triton kernel (0: skip)")
     args = ap.parse_args()
+    kernel_times = _kernel_times(args.batch, args.tokens, args.kernel_reps) if args.kernel_reps else None
     base, _ = gma6.load_base(args.model, dtype=torch.bfloat16, device="cuda", progress=False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 1000, (args.batch, args.tokens * args.segments), generator=g).cuda()
     question = torch.randint(3, 1000, (args.batch, 64), generator=g).cuda()
     got = {}
-    for graphed in (False, True):
-        mm = gma6.load_adapter(base, args.adapter, cuda_graph_read=graphed)
+    variants = args.variants.split(",")
+    for variant in variants:
+        parts = set(variant.split("+"))
+        if not parts <= {"eager", "graphed", "triton"}:
+            raise SystemExit(f"unknown variant {variant!r}")
+        mm = gma6.load_adapter(base, args.adapter, cuda_graph_read="graphed" in parts, triton_read="triton" in parts)
         with torch.no_grad():
             state = mm.read(ids, segment_length=args.tokens)
             state = mm.read(ids, segment_length=args.tokens)  # the second pass replays what the first captured
@@ -58,17 +109,22 @@ def main() -> None:
                     torch.cuda.synchronize()
                     t[name] = time.perf_counter() - t0
                 ratios.append(t["bare"] / t["memory"])
-        got[graphed] = {"state": state.memory.float(), "logits": logits, "ratio": statistics.median(ratios),
+        got[variant] = {"state": state.memory.float(), "logits": logits, "ratio": statistics.median(ratios),
                         "graphs": len(mm._graphed._graphs) if mm._graphed is not None else 0}
         mm.detach()
+    first = got[variants[0]]
     result = {
         "device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
         "adapter": args.adapter, "batch": args.batch, "tokens": args.tokens, "segments": args.segments,
-        "paired_memory_over_bare": {"eager": round(got[False]["ratio"], 4), "graphed": round(got[True]["ratio"], 4)},
-        "graphs_captured": got[True]["graphs"],
-        "max_abs_state_diff": float((got[True]["state"] - got[False]["state"]).abs().max()),
-        "max_abs_logit_diff": float((got[True]["logits"] - got[False]["logits"]).abs().max()),
-        "same_argmax_share": float((got[True]["logits"].argmax(-1) == got[False]["logits"].argmax(-1)).float().mean()),
+        "command": " ".join(["python", *sys.argv]),
+        "read_call_us": kernel_times,
+        "paired_memory_over_bare": {v: round(got[v]["ratio"], 4) for v in variants},
+        "graphs_captured": {v: got[v]["graphs"] for v in variants},
+        "against": variants[0],
+        "max_abs_state_diff": {v: float((got[v]["state"] - first["state"]).abs().max()) for v in variants[1:]},
+        "max_abs_logit_diff": {v: float((got[v]["logits"] - first["logits"]).abs().max()) for v in variants[1:]},
+        "same_argmax_share": {v: float((got[v]["logits"].argmax(-1) == first["logits"].argmax(-1)).float().mean())
+                              for v in variants[1:]},
     }
     print(json.dumps(result))
     if args.out:

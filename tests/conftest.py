@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Triton (where installed) runs its kernels through its interpreter, on CPU tensors: how tests/test_triton_read.py
+# checks gma6's read kernel without a GPU. Triton reads this once, when it is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 def tiny_gemma3(seed: int = 0, layers: int = 4, hidden: int = 32, vocab: int = 64, head_dim: int = 16):

@@ -94,6 +94,11 @@ class GMA6Config:
             ``read`` runs them): one launch instead of a dozen a layer, for a launch-bound GPU
             (``memory/graphed.py``; fixed buffers of ~40 MB a layer at 8 x 1024 tokens in bf16). Elsewhere, on
             other devices and under ``torch.inference_mode`` (as ``gma6 eval`` runs), the read runs eagerly.
+        triton_read: on CUDA, make each layer's read (``read_site="attention"`` on the base's attention function)
+            one Triton kernel (``memory/triton_read.py``): the query adapter's change, q-norm, RoPE, the slots'
+            attention and the gated add in one pass over the queries instead of a dozen kernels. Within bf16 rounding
+            of the eager read; needs the ``triton`` package. Where it cannot run (autograd, another device) the
+            read runs eagerly. With ``cuda_graph_read`` the graphs replay the kernel.
         lora_rank: rank of the LoRA co-trained on the base's attention (0: none); set by
             ``add_lora``, saved with the adapter.
         lora_alpha: LoRA scaling numerator (None: ``2 * lora_rank``).
@@ -129,6 +134,7 @@ class GMA6Config:
     use_4bit_quantization: bool = False
     gradient_checkpointing: bool = False
     cuda_graph_read: bool = False
+    triton_read: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -213,7 +219,7 @@ class GMA6Config:
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected a non-empty list of module names")
         self.lora_targets = list(self.lora_targets)
         for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing",
-                     "cuda_graph_read"):
+                     "cuda_graph_read", "triton_read"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
 

@@ -21,6 +21,7 @@ from .memory import MemoryController
 from .memory.attention import read_dtype
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory.graphed import GraphedReads
+from .memory import triton_read as kernel
 from .site import AttentionSites, supported
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
@@ -127,12 +128,16 @@ class MemoryModel(MemoryWrapper):
                 if (all(r.fusable for r in self._base_reads)
                         and all(supported(getattr(getattr(a, "config", None), "_attn_implementation", None)) for a in attns)):
                     self._sites = AttentionSites({a: self._make_site_rotated(slot) for slot, a in enumerate(attns)})
-            if self.config.cuda_graph_read:
-                if self._sites is None:
-                    raise ValueError("cuda_graph_read=True replays the read made inside the base's attention: it needs "
+            for name in ("cuda_graph_read", "triton_read"):
+                if getattr(self.config, name) and self._sites is None:
+                    raise ValueError(f"{name}=True changes how the read inside the base's attention runs: it needs "
                                      "read_rule='base', read_site='attention' and a base whose attention implementation "
                                      "is sdpa, flash or flex (with no logit softcapping)")
-                self._graphed = GraphedReads()
+            if self.config.triton_read and not kernel.available():
+                raise ValueError("triton_read=True needs the triton package (pip install triton; it comes with "
+                                 "PyTorch's CUDA builds)")
+            if self.config.cuda_graph_read:
+                self._graphed = GraphedReads(kernel.triton_read if self.config.triton_read else rotated_read)
         except BaseException:
             self.detach()
             raise
@@ -265,13 +270,17 @@ class MemoryModel(MemoryWrapper):
                 args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope),
                         None if read.query_after_norm else q_pre)
             args = read.rotated_args(*args)
+            q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm = args
+            fits = self.config.triton_read and kernel.unsupported(*args) is None
             graphed = self._graphed
-            if (graphed is not None and call.plain_positions and query.is_cuda and args[-1] is None
-                    and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and graphed.staged(args[1])):
-                q, k, v, mask, scaling, view, down, up, _, q_pre, gain, eps, _ = args
+            if (graphed is not None and call.plain_positions and query.is_cuda and norm is None
+                    and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and graphed.staged(k)
+                    and (fits or not self.config.triton_read)):
                 tables = None if down is None else read.plain_tables(q, graphed.tables)
                 return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
                                                         gain, eps), gate)
+            if fits:
+                return kernel.triton_read(*args, out=out, gate=gate)
             return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
 
         return site

@@ -54,6 +54,8 @@ def bench(
     cuda_graph_read: bool = typer.Option(
         False, "--cuda-graph-read", help="Time the memory with cuda_graph_read=True (each layer's read replayed from a "
                                          "CUDA graph; the warm-up passes capture them)."),
+    triton_read: bool = typer.Option(
+        False, "--triton-read", help="Time the memory with triton_read=True (each layer's read one Triton kernel)."),
 ) -> None:
     """Reading throughput (tokens/s) and peak memory: bare base per segment, memory, bare base in one pass."""
     import torch
@@ -87,7 +89,7 @@ def bench(
             paired_batch=paired_batch,
             seed=seed,
             memory=dataclasses.replace(_adapter_kind(adapter) if adapter is not None else b.BenchConfig().memory,
-                                       cuda_graph_read=cuda_graph_read),
+                                       cuda_graph_read=cuda_graph_read, triton_read=triton_read),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

@@ -12,7 +12,7 @@ is captured per layer, shape, dtype and adapter weights (their cast copies: a ch
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,7 +26,8 @@ _MAX_GRAPHS = 72
 class GraphedReads:
     """The fixed buffers and captured graphs of one ``MemoryModel``'s reads."""
 
-    def __init__(self) -> None:
+    def __init__(self, fn: Callable[..., torch.Tensor] = rotated_read) -> None:
+        self._fn = fn  # what a graph replays: rotated_read, or the same maths as one kernel (triton_read)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
         self._slots: tuple[torch.Tensor, ...] | None = None
         self._pool: Any = None
@@ -88,8 +89,8 @@ class GraphedReads:
         buffers = {name: t.clone() for name, t in moving.items()}
 
         def run() -> torch.Tensor:
-            return rotated_read(buffers.get("q", q), k, v, mask, scaling, buffers.get("view"), down, up, tables,
-                                buffers.get("q_pre"), gain, eps)
+            return self._fn(buffers.get("q", q), k, v, mask, scaling, buffers.get("view"), down, up, tables,
+                            buffers.get("q_pre"), gain, eps)
 
         side = torch.cuda.Stream(device=q.device)
         side.wait_stream(torch.cuda.current_stream(q.device))
