@@ -4,7 +4,7 @@ logits compared with the first variant's, and a segment's read + write timed aga
 pairs.
 
     python scripts/gpu_graph_read_check.py --model M [--adapter DIR] [--variants eager,graphed,triton,triton+graphed]
-        [--batch 8] [--tokens 1024] [--segments 6] [--pairs 24] [--out F]
+        [--batch 8] [--tokens 1024] [--segments 6] [--pairs 24] [--no-kernel | --sweep] [--out F]
 """
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ from gma6.base import default_adapter
 from gma6.io import atomic_write_text
 
 
-def _kernel_times(batch: int, tokens: int, reps: int) -> dict[str, float]:
-    """Microseconds a call (between CUDA events around back-to-back calls, after a warm-up: kernels and any host gaps) of one memory layer's read and gated add, the
-    default's kind at the 270M's shape (4 query heads of 256, 129 slots + sink, a rank-8 query adapter before
-    the q-norm): eager (rotated_read + add_read_heads) against triton_read."""
+def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
+    """One memory layer's read and gated add, the default's kind at the 270M's shape (4 query heads of 256, 128
+    slots + a sink, a rank-8 query adapter before the q-norm), eager (rotated_read + add_read_heads) against
+    triton_read: GPU microseconds a call (20 calls replayed from a CUDA graph, so no host time) and host
+    microseconds a call (issuing 50 calls). With ``sweep``, the kernel's GPU time under each launch setting."""
+    import itertools
+
+    from gma6.memory import triton_read as kernel
     from gma6.memory.base_read import add_read_heads, rotated_read
-    from gma6.memory.triton_read import triton_read
 
     g = torch.Generator(device="cuda").manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g, device="cuda").bfloat16()  # noqa: E731
@@ -40,23 +43,52 @@ def _kernel_times(batch: int, tokens: int, reps: int) -> dict[str, float]:
               q_pre=r(batch, tokens, n * d), gain=1 + torch.rand(d, device="cuda"), eps=1e-6)
     out, gate = r(batch, tokens, n, d), torch.tanh(r(n * d))
     calls = {"eager": lambda: add_read_heads(out, rotated_read(q, k, v, mask, 0.0625, **kw), gate),
-             "triton": lambda: triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate)}
-    times = {}
+             "triton": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate)}
+
+    def gpu_us(fn) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(20):
+                fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        return round(start.elapsed_time(end) * 1000 / 200, 2)
+
+    def host_us(fn) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return round((t1 - t0) * 1e6 / 50, 2)
+
+    result: dict = {}
     with torch.no_grad():
-        diff = (calls["triton"]().float() - calls["eager"]().float()).abs().max().item()
+        result["max_abs_diff"] = (calls["triton"]().float() - calls["eager"]().float()).abs().max().item()
         for name, fn in calls.items():
-            for _ in range(10):
-                fn()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times[name] = round(start.elapsed_time(end) * 1000 / reps, 2)
-    times["max_abs_diff"] = diff
-    print("read call, us:", times)
-    return times
+            result[name] = {"gpu_us": gpu_us(fn), "host_us": host_us(fn)}
+        if sweep:
+            chosen, rows = dict(kernel.LAUNCH), []
+            for bt, bs, w, st in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2)):
+                kernel.LAUNCH.update(block_t=bt, block_s=bs, num_warps=w, num_stages=st)
+                try:
+                    rows.append({**kernel.LAUNCH, "gpu_us": gpu_us(calls["triton"])})
+                except Exception as e:  # a setting that does not fit the GPU (shared memory, registers)
+                    rows.append({**kernel.LAUNCH, "error": repr(e)[:200]})
+                print(rows[-1])
+            kernel.LAUNCH.update(chosen)
+            result["sweep"] = sorted(rows, key=lambda x: x.get("gpu_us", 1e9))
+    print("read call:", {k: v for k, v in result.items() if k != "sweep"})
+    return result
 
 
 def main() -> None:
@@ -68,18 +100,28 @@ def main() -> None:
     ap.add_argument("--segments", type=int, default=6)
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--variants", default="eager,graphed",
-                    help="comma-separated: eager, graphed, triton, triton+graphed (the first is the reference)")
+                    help="comma-separated: eager, graphed, triton, triton+graphed (the first is the reference); "
+                         "empty: the kernel's timing alone, no model")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--kernel-reps", type=int, default=200, help="time a call of one layer's read at the "
-                    "270M's shape, eager against the Triton kernel (0: skip)")
+    ap.add_argument("--kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="time one layer's read call at the 270M's shape, eager against the Triton kernel")
+    ap.add_argument("--sweep", action="store_true", help="and the kernel under each launch setting")
     args = ap.parse_args()
-    kernel_times = _kernel_times(args.batch, args.tokens, args.kernel_reps) if args.kernel_reps else None
+    kernel_times = _kernel_times(args.batch, args.tokens, args.sweep) if args.kernel else None
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        result = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                  "command": " ".join(["python", *sys.argv]), "batch": args.batch, "tokens": args.tokens,
+                  "read_call_us": kernel_times}
+        print(json.dumps({k: v for k, v in result.items() if k != "read_call_us"}))
+        if args.out:
+            atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        return
     base, _ = gma6.load_base(args.model, dtype=torch.bfloat16, device="cuda", progress=False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 1000, (args.batch, args.tokens * args.segments), generator=g).cuda()
     question = torch.randint(3, 1000, (args.batch, 64), generator=g).cuda()
     got = {}
-    variants = args.variants.split(",")
     for variant in variants:
         parts = set(variant.split("+"))
         if not parts <= {"eager", "graphed", "triton"}:

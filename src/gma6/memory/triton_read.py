@@ -8,7 +8,7 @@ and adds the gated read to the attention's output, so the queries are read once 
 
 The maths is ``base_read.rotated_read`` followed by ``add_read_heads``, in fp32 registers where the eager path
 rounds to the base's dtype between steps: equal in fp32, within bf16 rounding otherwise (``tests/test_triton_read.py``
-runs the kernel through Triton's interpreter on the CPU; ``scripts/gpu_triton_read_check.py`` on a GPU). No
+runs the kernel through Triton's interpreter on the CPU; ``scripts/gpu_graph_read_check.py`` on a GPU). No
 autograd: training takes the eager read.
 """
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# tokens a program takes, slots a step of the online softmax takes (the default's 128 slots + a sink: 3 steps)
-_BLOCK_T = 32
-_BLOCK_S = 64
+# How the kernel is launched: tokens a program takes, slots a step of its online softmax takes, warps and pipeline
+# stages. Chosen on an H200 among the settings `scripts/gpu_graph_read_check.py --sweep` times (bf16, 8 x 1024
+# tokens, 4 heads of 256, 129 slots).
+LAUNCH = {"block_t": 32, "block_s": 64, "num_warps": 4, "num_stages": 2}
 
 
 def interpreting() -> bool:
@@ -75,69 +76,72 @@ def _kernel() -> Callable:
     @triton.jit
     def read_kernel(
         out_ptr, res_ptr, q_ptr, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, gate_ptr,
-        T, S1, n_heads, group, scaling, eps,
-        s_ob, s_ot, s_oh, s_rb, s_rt, s_rh, s_qb, s_qh, s_qt, s_pb, s_pt, s_lb, s_lt, s_cb, s_ct,
-        s_kb, s_kh, s_ks, s_vb, s_vh, s_vs, s_mb,
-        D: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr, ROTATE: tl.constexpr,
-        HAS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
+        D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
+        ROTATE: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
-        # MODE 0: the base's finished queries; 1: plus the adapter's change rotated alone (after the q-norm);
-        # 2: the q projection's output plus the change, normed and rotated (before it). Last strides are 1.
+        # Layouts (all contiguous): q (B, n, T, D); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin
+        # (B or 1, T, D); k, v (B, n/group, S1, D); mask (B or 1, S1); out (B, T, n, D); the result as out, or
+        # (B, n, T, D) without it. MODE 0: the base's finished queries; 1: plus the adapter's change rotated alone
+        # (after the q-norm); 2: the q projection's output plus the change, normed and rotated (before it).
         HALF: tl.constexpr = D // 2
         b = tl.program_id(1) // n_heads
         h = tl.program_id(1) % n_heads
         t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         rows = t < T
         c = tl.arange(0, HALF)
+        q_at = q_ptr + ((b * n_heads + h) * T + t[:, None]) * D + c[None, :]
         # RoPE pairs column i with i + D/2, so the query is built in two halves
         if MODE == 0:
-            qp = q_ptr + b * s_qb + h * s_qh + t[:, None] * s_qt + c[None, :]
-            x1 = tl.load(qp, mask=rows[:, None], other=0.0).to(tl.float32)
-            x2 = tl.load(qp + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
+            x1 = tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)
+            x2 = tl.load(q_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
         else:
-            x1 = tl.zeros((BLOCK_T, HALF), tl.float32)
-            x2 = tl.zeros((BLOCK_T, HALF), tl.float32)
-            for j in tl.static_range(R):  # the change low @ up.T, rank R (< 16: below tl.dot's smallest size)
-                lj = tl.load(low_ptr + b * s_lb + t * s_lt + j, mask=rows, other=0.0).to(tl.float32)
-                x1 += lj[:, None] * tl.load(up_ptr + (h * D + c) * R + j).to(tl.float32)[None, :]
-                x2 += lj[:, None] * tl.load(up_ptr + (h * D + HALF + c) * R + j).to(tl.float32)[None, :]
+            # the change low @ up.T, its rank padded to RP (tl.dot takes no fewer than 16)
+            j = tl.arange(0, RP)
+            low = tl.load(low_ptr + (b * T + t[:, None]) * R + j[None, :], mask=rows[:, None] & (j[None, :] < R),
+                          other=0.0)
+            up1 = tl.load(up_ptr + (h * D + c[None, :]) * R + j[:, None], mask=j[:, None] < R, other=0.0)
+            up2 = tl.load(up_ptr + (h * D + HALF + c[None, :]) * R + j[:, None], mask=j[:, None] < R, other=0.0)
+            if UPCAST:
+                low, up1, up2 = low.to(tl.float32), up1.to(tl.float32), up2.to(tl.float32)
+            x1 = tl.dot(low, up1, input_precision=PRECISION)
+            x2 = tl.dot(low, up2, input_precision=PRECISION)
             if MODE == 2:
-                pp = pre_ptr + b * s_pb + t[:, None] * s_pt + h * D + c[None, :]
-                x1 += tl.load(pp, mask=rows[:, None], other=0.0).to(tl.float32)
-                x2 += tl.load(pp + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
+                pre_at = pre_ptr + (b * T + t[:, None]) * (n_heads * D) + h * D + c[None, :]
+                x1 += tl.load(pre_at, mask=rows[:, None], other=0.0).to(tl.float32)
+                x2 += tl.load(pre_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
                 if NORM:
                     inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
                     x1 = x1 * inv[:, None] * tl.load(gain_ptr + c)[None, :]
                     x2 = x2 * inv[:, None] * tl.load(gain_ptr + HALF + c)[None, :]
             if ROTATE:
-                tp = b * s_cb + t[:, None] * s_ct + c[None, :]
-                cos1 = tl.load(cos_ptr + tp, mask=rows[:, None], other=0.0).to(tl.float32)
-                cos2 = tl.load(cos_ptr + tp + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-                sin1 = tl.load(sin_ptr + tp, mask=rows[:, None], other=0.0).to(tl.float32)
-                sin2 = tl.load(sin_ptr + tp + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
+                tab = b * s_cb + t[:, None] * D + c[None, :]
+                cos1 = tl.load(cos_ptr + tab, mask=rows[:, None], other=0.0).to(tl.float32)
+                cos2 = tl.load(cos_ptr + tab + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
+                sin1 = tl.load(sin_ptr + tab, mask=rows[:, None], other=0.0).to(tl.float32)
+                sin2 = tl.load(sin_ptr + tab + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
                 x1, x2 = x1 * cos1 + x2 * sin1, x2 * cos2 + x1 * sin2
             if MODE == 1:
-                qp = q_ptr + b * s_qb + h * s_qh + t[:, None] * s_qt + c[None, :]
-                x1 += tl.load(qp, mask=rows[:, None], other=0.0).to(tl.float32)
-                x2 += tl.load(qp + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
+                x1 += tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)
+                x2 += tl.load(q_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
         # the query in the slots' dtype, as the eager read hands it to SDPA
         q1 = x1.to(k_ptr.dtype.element_ty)
         q2 = x2.to(k_ptr.dtype.element_ty)
         if UPCAST:  # the interpreter's dot is wrong for 16-bit operands
             q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
         dd = tl.arange(0, D)
-        kh = h // group
+        kv = (b * (n_heads // group) + h // group) * S1
         m_i = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # finite: a step whose slots are all masked adds nothing
         l_i = tl.zeros((BLOCK_T,), tl.float32)
         acc = tl.zeros((BLOCK_T, D), tl.float32)
         for s0 in range(0, S1, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             live = s < S1
-            kp = k_ptr + b * s_kb + kh * s_kh + s[None, :] * s_ks + c[:, None]
-            k1 = tl.load(kp, mask=live[None, :], other=0.0)
-            k2 = tl.load(kp + HALF, mask=live[None, :], other=0.0)
-            vv = tl.load(v_ptr + b * s_vb + kh * s_vh + s[:, None] * s_vs + dd[None, :], mask=live[:, None], other=0.0)
+            k_at = k_ptr + (kv + s[None, :]) * D + c[:, None]
+            k1 = tl.load(k_at, mask=live[None, :], other=0.0)
+            k2 = tl.load(k_at + HALF, mask=live[None, :], other=0.0)
+            vv = tl.load(v_ptr + (kv + s[:, None]) * D + dd[None, :], mask=live[:, None], other=0.0)
             if UPCAST:
                 k1, k2, vv = k1.to(tl.float32), k2.to(tl.float32), vv.to(tl.float32)
             scores = tl.dot(q1, k1, input_precision=PRECISION) + tl.dot(q2, k2, input_precision=PRECISION)
@@ -151,16 +155,14 @@ def _kernel() -> Callable:
             m_i = m_new
         read = acc / l_i[:, None]
         if HAS_OUT:
-            base = tl.load(out_ptr + b * s_ob + t[:, None] * s_ot + h * s_oh + dd[None, :], mask=rows[:, None], other=0.0)
+            at = ((b * T + t[:, None]) * n_heads + h) * D + dd[None, :]
+            base = tl.load(out_ptr + at, mask=rows[:, None], other=0.0)
             read = base.to(tl.float32) + tl.load(gate_ptr + h * D + dd).to(tl.float32)[None, :] * read
-        tl.store(res_ptr + b * s_rb + t[:, None] * s_rt + h * s_rh + dd[None, :],
-                 read.to(res_ptr.dtype.element_ty), mask=rows[:, None])
+        else:
+            at = ((b * n_heads + h) * T + t[:, None]) * D + dd[None, :]
+        tl.store(res_ptr + at, read.to(res_ptr.dtype.element_ty), mask=rows[:, None])
 
     return read_kernel
-
-
-def _last_dense(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def triton_read(
@@ -175,54 +177,37 @@ def triton_read(
     why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm)
     if why is not None:
         raise ValueError(f"triton_read cannot take this read: {why}")
-    import triton
-
     b, n, t, d = q.shape
-    group = n // k.shape[1]
-    q, k, v = _last_dense(q), _last_dense(k), _last_dense(v)
-    mask = mask.reshape(mask.shape[0], mask.shape[-1])
-    mask = _last_dense(mask)
-    mode, r = 0, 1
-    low = pre = cos = sin = up_w = gain_w = None
+    # .contiguous() is free where a tensor already is (the base's queries and the staged slots are)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    mask = mask.reshape(mask.shape[0], mask.shape[-1]).contiguous()
+    dummy = q  # passed where a flag is off: never read
+    low = pre = cos = sin = up_w = gain_w = dummy
+    mode, r, s_cb = 0, 1, 0
     if down is not None:
-        low = _last_dense(F.linear(view, down))
-        up_w = up.contiguous()
+        low, up_w = F.linear(view, down).contiguous(), up.contiguous()
         r = up_w.shape[1]
         mode = 2 if q_pre is not None else 1
         if mode == 2:
-            pre = _last_dense(q_pre)
-            gain_w = None if gain is None else gain.float().contiguous()
+            pre = q_pre.contiguous()
+            if gain is not None:
+                gain_w = gain.float().contiguous()
         if tables is not None:
-            cos, sin = (x.expand(x.shape[0], 1, t, d)[:, 0] for x in tables)
-            cos, sin = _last_dense(cos), _last_dense(sin)
+            cos, sin = (x.expand(x.shape[0], 1, t, d)[:, 0].contiguous() for x in tables)
+            s_cb = t * d if cos.shape[0] > 1 else 0
     if out is not None:
-        res = torch.empty(b, t, n, d, dtype=out.dtype, device=q.device)
-        s_r = (res.stride(0), res.stride(1), res.stride(2))
-        out = _last_dense(out)
-        s_o = (out.stride(0), out.stride(1), out.stride(2))
-        gate = gate.contiguous()
+        res, out, gate = torch.empty(out.shape, dtype=out.dtype, device=out.device), out.contiguous(), gate.contiguous()
     else:
-        res = torch.empty(b, n, t, d, dtype=q.dtype, device=q.device)
-        s_r = (res.stride(0), res.stride(2), res.stride(1))
-        s_o = (0, 0, 0)
-    s_c = (0, 0) if cos is None else (cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1))
-    kernel = _kernel()
-    grid = (triton.cdiv(t, _BLOCK_T), b * n)
-    dummy = q  # never read where its flag is off
-    kernel[grid](
-        out if out is not None else dummy, res, q, pre if pre is not None else dummy,
-        low if low is not None else dummy, up_w if up_w is not None else dummy,
-        gain_w if gain_w is not None else dummy, cos if cos is not None else dummy, sin if sin is not None else dummy,
-        k, v, mask, gate if gate is not None else dummy,
-        t, k.shape[2], n, group, float(scaling), float(eps),
-        *s_o, *s_r, q.stride(0), q.stride(1), q.stride(2),
-        *((pre.stride(0), pre.stride(1)) if pre is not None else (0, 0)),
-        *((low.stride(0), low.stride(1)) if low is not None else (0, 0)), *s_c,
-        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mask.stride(0) if mask.shape[0] > 1 else 0,
-        D=d, R=r, MODE=mode, NORM=gain_w is not None, ROTATE=cos is not None, HAS_OUT=out is not None,
-        UPCAST=interpreting() and q.dtype != torch.float32,
+        res, out, gate = torch.empty_like(q), dummy, dummy
+    launch = LAUNCH
+    grid = ((t + launch["block_t"] - 1) // launch["block_t"], b * n)
+    _kernel()[grid](
+        out, res, q, pre, low, up_w, gain_w, cos, sin, k, v, mask, gate,
+        t, k.shape[2], n, n // k.shape[1], s_cb, mask.shape[-1] if mask.shape[0] > 1 else 0, float(scaling), float(eps),
+        D=d, R=r, RP=max(16, 1 << (r - 1).bit_length()), MODE=mode, NORM=gain_w is not dummy, ROTATE=cos is not dummy,
+        HAS_OUT=out is not dummy, UPCAST=interpreting() and q.dtype != torch.float32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_T=_BLOCK_T, BLOCK_S=_BLOCK_S,
+        BLOCK_T=launch["block_t"], BLOCK_S=launch["block_s"], num_warps=launch["num_warps"],
+        num_stages=launch["num_stages"],
     )
     return res
