@@ -1,9 +1,10 @@
-"""GPU check of the read's fast paths: the same adapter read eagerly, from CUDA graphs (``cuda_graph_read``), through
-the Triton kernel (``triton_read``) or both, over the same segments in one process — memory states and answering
-logits compared with the first variant's, and a segment's read + write timed against the bare base in alternating
-pairs.
+"""GPU check of the read's fast paths: the same adapter read eagerly, each layer's read from CUDA graphs
+(``graphed``: ``cuda_graph_read``), through the Triton kernel (``triton``: ``triton_read``), whole segments from
+CUDA graphs (``segments``: ``cuda_graph_segments``) or combinations (``triton+segments``), over the same segments
+in one process — memory states and answering logits compared with the first variant's, and a segment's read + write
+timed in alternating rounds against the bare base run eagerly and replayed from a CUDA graph.
 
-    python scripts/gpu_graph_read_check.py --model M [--adapter DIR] [--variants eager,graphed,triton,triton+graphed]
+    python scripts/gpu_graph_read_check.py --model M [--adapter DIR] [--variants eager,graphed,triton,segments,triton+segments]
         [--batch 8] [--tokens 1024] [--segments 6] [--pairs 24] [--no-kernel | --sweep] [--out F]
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import gma6
 from gma6.base import default_adapter
 from gma6.io import atomic_write_text
+from gma6.segment_graph import GraphedCall
 
 
 def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
@@ -122,11 +124,13 @@ def main() -> None:
     ids = torch.randint(3, 1000, (args.batch, args.tokens * args.segments), generator=g).cuda()
     question = torch.randint(3, 1000, (args.batch, 64), generator=g).cuda()
     got = {}
+    bare_graph = GraphedCall(lambda x: (base(input_ids=x, logits_to_keep=1, use_cache=False).logits,))
     for variant in variants:
         parts = set(variant.split("+"))
-        if not parts <= {"eager", "graphed", "triton"}:
+        if not parts <= {"eager", "graphed", "triton", "segments"}:
             raise SystemExit(f"unknown variant {variant!r}")
-        mm = gma6.load_adapter(base, args.adapter, cuda_graph_read="graphed" in parts, triton_read="triton" in parts)
+        mm = gma6.load_adapter(base, args.adapter, cuda_graph_read="graphed" in parts, triton_read="triton" in parts,
+                               cuda_graph_segments="segments" in parts)
         with torch.no_grad():
             state = mm.read(ids, segment_length=args.tokens)
             state = mm.read(ids, segment_length=args.tokens)  # the second pass replays what the first captured
@@ -138,21 +142,29 @@ def main() -> None:
                 with mm.memory_disabled():
                     mm.base(input_ids=seg, logits_to_keep=1, use_cache=False)
 
+            def bare_replayed() -> None:
+                with mm.memory_disabled():
+                    bare_graph(seg)
+
             step = lambda: mm._read_step(seg, mask, state, full=True)  # noqa: E731
+            calls = {"bare": bare, "bare_replayed": bare_replayed, "memory": step}
             for _ in range(3):
-                step(), bare()
-            ratios = []
+                for fn in calls.values():
+                    fn()
+            times: dict[str, list[float]] = {name: [] for name in calls}
             for k in range(args.pairs):
-                t = {}
-                for name, fn in ((("bare", bare), ("memory", step)) if k % 2 == 0 else (("memory", step), ("bare", bare))):
+                for name in (list(calls) if k % 2 == 0 else list(calls)[::-1]):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    fn()
+                    calls[name]()
                     torch.cuda.synchronize()
-                    t[name] = time.perf_counter() - t0
-                ratios.append(t["bare"] / t["memory"])
-        got[variant] = {"state": state.memory.float(), "logits": logits, "ratio": statistics.median(ratios),
-                        "graphs": len(mm._graphed._graphs) if mm._graphed is not None else 0}
+                    times[name].append(time.perf_counter() - t0)
+        ratio = lambda floor: statistics.median(f / m for f, m in zip(times[floor], times["memory"]))  # noqa: E731
+        got[variant] = {"state": state.memory.float(), "logits": logits, "ratio": ratio("bare"),
+                        "ratio_replayed": ratio("bare_replayed"),
+                        "ms": {n: round(statistics.median(t) * 1000, 3) for n, t in times.items()},
+                        "graphs": len(mm._graphed._graphs) if mm._graphed is not None else 0,
+                        "segment_graphs": len(mm._segment_graph) if mm._segment_graph is not None else 0}
         mm.detach()
     first = got[variants[0]]
     result = {
@@ -161,7 +173,10 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "read_call_us": kernel_times,
         "paired_memory_over_bare": {v: round(got[v]["ratio"], 4) for v in variants},
+        "paired_memory_over_replayed_bare": {v: round(got[v]["ratio_replayed"], 4) for v in variants},
+        "median_ms": {v: got[v]["ms"] for v in variants},
         "graphs_captured": {v: got[v]["graphs"] for v in variants},
+        "segment_graphs_captured": {v: got[v]["segment_graphs"] for v in variants},
         "against": variants[0],
         "max_abs_state_diff": {v: float((got[v]["state"] - first["state"]).abs().max()) for v in variants[1:]},
         "max_abs_logit_diff": {v: float((got[v]["logits"] - first["logits"]).abs().max()) for v in variants[1:]},

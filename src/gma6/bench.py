@@ -49,6 +49,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ from torch import nn
 from .config import GMA6Config
 from .model import MemoryModel, attach_memory, full_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
+from .segment_graph import GraphedCall
 
 SYSTEMS = ("base_segments", "memory", "base_full")
 TRAIN_SYSTEMS = ("train_memory", "train_frozen", "train_full")
@@ -268,6 +270,7 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
         return lambda: mm.read(ids, segment_length=segment)
     # No system keeps a KV cache: none reads it, and the one-pass base's would grow with the context.
     if system == "base_segments":
+        graphed = _graphed_base(mm)
 
         @torch.no_grad()
         def run() -> None:
@@ -275,8 +278,11 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
             segments = split_segments(ids, mask, segment)
             # as the memory's read does: no padding mask where a segment has no padding
             for (seg_ids, seg_mask), full in zip(segments, full_segments(segments)):
-                base(input_ids=seg_ids, attention_mask=None if full else seg_mask.long(), logits_to_keep=1,
-                     use_cache=False)
+                if graphed is not None and full and graphed.usable(seg_ids):
+                    graphed(seg_ids)
+                else:
+                    base(input_ids=seg_ids, attention_mask=None if full else seg_mask.long(), logits_to_keep=1,
+                         use_cache=False)
 
         return run
     if system == "base_full":
@@ -287,6 +293,15 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
 
         return run_full
     raise ValueError(f"unknown system {system!r}")
+
+
+def _graphed_base(mm: MemoryModel) -> GraphedCall | None:
+    """The bare base's full segment replayed from a CUDA graph, where the memory's segments are
+    (``cuda_graph_segments``): the floor a replayed memory is compared with."""
+    if not getattr(mm.config, "cuda_graph_segments", False):
+        return None
+    base = mm.base
+    return GraphedCall(lambda ids: (base(input_ids=ids, logits_to_keep=1, use_cache=False).logits,))
 
 
 def _estimate(system: str, mm: MemoryModel, batch: int, context: int, segment: int | None) -> float:
@@ -578,11 +593,15 @@ def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.devi
         _sync(device)
         return time.perf_counter() - t0, out
 
+    graphed = _graphed_base(mm)
     with torch.no_grad():
         # full segments: neither system gets a padding mask (as read() and base_segments run them)
-        for k, (s_ids, _) in enumerate(segs):
+        for k, (s_ids, s_mask) in enumerate(segs):
             run_base = lambda: mm.base(input_ids=s_ids, logits_to_keep=1, use_cache=False)  # noqa: E731
             run_mem = lambda: mm(input_ids=s_ids, memory_state=state, logits_to_keep=1)  # noqa: E731
+            if graphed is not None:  # both replayed from CUDA graphs, the memory as read() runs it
+                run_base = lambda: graphed(s_ids)  # noqa: E731
+                run_mem = lambda: SimpleNamespace(memory_state=mm._read_step(s_ids, s_mask, state, full=True))  # noqa: E731
             for which in ("base", "memory") if k % 2 == 0 else ("memory", "base"):
                 if which == "base":
                     t_base.append(timed(run_base)[0])

@@ -94,6 +94,11 @@ class GMA6Config:
             ``read`` runs them): one launch instead of a dozen a layer, for a launch-bound GPU
             (``memory/graphed.py``; fixed buffers of ~40 MB a layer at 8 x 1024 tokens in bf16). Elsewhere, on
             other devices and under ``torch.inference_mode`` (as ``gma6 eval`` runs), the read runs eagerly.
+        cuda_graph_segments: on CUDA, replay each full segment of ``read`` (the base's forward with the memory's
+            read and write) from one CUDA graph a shape (``segment_graph.py``): one launch instead of ~1600 kernels'
+            worth of host work a segment of the 270M. Exact (the same kernels on the same inputs). Needs a base whose
+            forward has no host syncs for full segments (transformers' own skip theirs under capture). Elsewhere
+            (another device, autograd, ``torch.inference_mode``, a segment with padding) the segment runs eagerly.
         triton_read: on CUDA, make each layer's read (``read_site="attention"`` on the base's attention function)
             one Triton kernel (``memory/triton_read.py``): the query adapter's change, q-norm, RoPE, the slots'
             attention and the gated add in one pass over the queries instead of a dozen kernels. Within bf16 rounding
@@ -135,6 +140,7 @@ class GMA6Config:
     gradient_checkpointing: bool = False
     cuda_graph_read: bool = False
     triton_read: bool = False
+    cuda_graph_segments: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -219,7 +225,7 @@ class GMA6Config:
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected a non-empty list of module names")
         self.lora_targets = list(self.lora_targets)
         for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing",
-                     "cuda_graph_read", "triton_read"):
+                     "cuda_graph_read", "triton_read", "cuda_graph_segments"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
 

@@ -22,6 +22,7 @@ from .memory.attention import read_dtype
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory.graphed import GraphedReads
 from .memory import triton_read as kernel
+from .segment_graph import GraphedCall
 from .site import AttentionSites, supported
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
@@ -92,6 +93,8 @@ class MemoryModel(MemoryWrapper):
         self._site_query: dict[int, list] = {}
         # GMA6Config.cuda_graph_read: the reads' CUDA graphs, their fixed buffers and rotary tables
         self._graphed: GraphedReads | None = None
+        # GMA6Config.cuda_graph_segments: read()'s full segments replayed from one CUDA graph a shape
+        self._segment_graph: GraphedCall | None = None
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -138,6 +141,8 @@ class MemoryModel(MemoryWrapper):
                                  "PyTorch's CUDA builds)")
             if self.config.cuda_graph_read:
                 self._graphed = GraphedReads(kernel.triton_read if self.config.triton_read else rotated_read)
+            if self.config.cuda_graph_segments:
+                self._segment_graph = GraphedCall(self._graph_step)
         except BaseException:
             self.detach()
             raise
@@ -275,6 +280,7 @@ class MemoryModel(MemoryWrapper):
             graphed = self._graphed
             if (graphed is not None and call.plain_positions and query.is_cuda and norm is None
                     and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and graphed.staged(k)
+                    and not torch.cuda.is_current_stream_capturing()  # inside a whole segment's graph
                     and (fits or not self.config.triton_read)):
                 tables = None if down is None else read.plain_tables(q, graphed.tables)
                 return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
@@ -436,8 +442,21 @@ class MemoryModel(MemoryWrapper):
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
         # packed to the left, which lets the segment skip its checks and mask arithmetic.
         state = state.to(self.device)  # offload_to_cpu keeps it on the CPU between segments
+        graph = self._segment_graph
+        if graph is not None and full and graph.usable(input_ids, state.memory):
+            memory, usage, age, tokens_read = graph(input_ids, mask, state.memory, state.usage, state.age,
+                                                    state.tokens_read)
+            return MemoryState(memory, usage, age, tokens_read, state.segments_read + 1)
         return self._segment(input_ids, mask, state, None, True, False, packed=True, full=full,
                              logits_to_keep=1).memory_state
+
+    def _graph_step(self, input_ids: torch.Tensor, mask: torch.Tensor, memory: torch.Tensor, usage: torch.Tensor,
+                    age: torch.Tensor, tokens_read: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A full segment of ``read`` as a function of tensors, for ``GraphedCall`` (the state's count of segments
+        is a Python int, kept outside)."""
+        state = self._segment(input_ids, mask, MemoryState(memory, usage, age, tokens_read), None, True, False,
+                              packed=True, full=True, logits_to_keep=1).memory_state
+        return state.memory, state.usage, state.age, state.tokens_read
 
     def _segment(
         self,
@@ -569,6 +588,8 @@ class MemoryModel(MemoryWrapper):
             getattr(self, "_site_read", {}).clear()
             if getattr(self, "_graphed", None) is not None:
                 self._graphed.release()
+            if getattr(self, "_segment_graph", None) is not None:
+                self._segment_graph.clear()
 
 
 def attach_memory(model: nn.Module, config: GMA6Config | None = None) -> nn.Module:

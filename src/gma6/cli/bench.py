@@ -56,6 +56,9 @@ def bench(
                                          "CUDA graph; the warm-up passes capture them)."),
     triton_read: bool = typer.Option(
         False, "--triton-read", help="Time the memory with triton_read=True (each layer's read one Triton kernel)."),
+    cuda_graph_segments: bool = typer.Option(
+        False, "--cuda-graph-segments", help="Replay each full segment from a CUDA graph, the memory's "
+                                             "(cuda_graph_segments=True) and the bare base's alike."),
 ) -> None:
     """Reading throughput (tokens/s) and peak memory: bare base per segment, memory, bare base in one pass."""
     import torch
@@ -89,7 +92,8 @@ def bench(
             paired_batch=paired_batch,
             seed=seed,
             memory=dataclasses.replace(_adapter_kind(adapter) if adapter is not None else b.BenchConfig().memory,
-                                       cuda_graph_read=cuda_graph_read, triton_read=triton_read),
+                                       cuda_graph_read=cuda_graph_read, triton_read=triton_read,
+                                       cuda_graph_segments=cuda_graph_segments),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

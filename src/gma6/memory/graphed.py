@@ -36,7 +36,8 @@ class GraphedReads:
 
     def stage(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every layer's slot keys, values and mask (L leading) copied into fixed buffers, which the graphs read."""
-        if not k.is_cuda or torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        if (not k.is_cuda or torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+                or torch.cuda.is_current_stream_capturing()):  # a whole segment's graph records the eager read
             return k, v, mask  # inference tensors could not be written outside inference mode later
         if self._slots is None or any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(self._slots, (k, v, mask))):
             self._slots = (torch.empty_like(k), torch.empty_like(v), torch.empty_like(mask))

@@ -1,0 +1,76 @@
+"""A whole segment's forward replayed from one CUDA graph (``GMA6Config.cuda_graph_segments``).
+
+Why: on a GPU the 270M's segment is host-bound — the bare base issues ~1600 kernels a segment of 8 x 1024 tokens
+in ~24 ms of host for ~18 ms of kernels, and the memory's hooks add host time at every layer. A graph replays every
+kernel of the segment (the base's and the memory's) from one launch, so the GPU runs at its kernels' pace. Replaying
+is exact where the same kernels run on the same shapes, which ``read()``'s full segments do: the tokens and the
+memory state are copied into the graph's fixed inputs, and its outputs are copied out.
+
+The bare base can be replayed the same way (``gma6 bench --cuda-graph-segments`` does both), which is the fair
+floor for a replayed memory: a replayed memory against an eagerly run base would compare launch overheads.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+# Graphs kept (each holds its own inputs and, shared with the others, a memory pool): a read meets at most two
+# shapes (its full segments and the last); beyond, all are dropped and captured anew.
+_MAX_GRAPHS = 4
+
+
+class GraphedCall:
+    """``fn(*tensors) -> tuple of tensors``, replayed from a CUDA graph captured once per input shape and dtype.
+
+    ``fn`` must run the same kernels for inputs of the same shapes, without host syncs or reading tensors' values
+    on the host (CUDA graphs record kernels, not Python). The outputs returned are copies (the next replay
+    overwrites the graph's own)."""
+
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+        self._fn = fn
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self._pool = None
+
+    @staticmethod
+    def usable(*args: torch.Tensor) -> bool:
+        """Whether a replay can stand in for ``fn(*args)``: CUDA tensors, no autograd, not inside another capture,
+        not under ``torch.inference_mode`` (its tensors could not be copied into the graph's inputs later)."""
+        return (all(a.is_cuda for a in args) and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+                and not torch.cuda.is_current_stream_capturing())
+
+    def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
+        entry = self._graphs.get(key)
+        if entry is None:
+            if len(self._graphs) >= _MAX_GRAPHS:
+                self.clear()
+            entry = self._graphs[key] = self._capture(args)
+        graph, inputs, outputs = entry
+        for fixed, a in zip(inputs, args):
+            fixed.copy_(a)
+        graph.replay()
+        return tuple(o.clone() for o in outputs)
+
+    def _capture(self, args: tuple[torch.Tensor, ...]):
+        inputs = tuple(a.clone() for a in args)
+        device = inputs[0].device
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisations, caches, kernel compiles
+            for _ in range(2):
+                self._fn(*inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = tuple(self._fn(*inputs))
+        self._pool = graph.pool()
+        return graph, inputs, outputs
+
+    def clear(self) -> None:
+        """Drop every captured graph and its buffers."""
+        self._graphs.clear()
+        self._pool = None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
