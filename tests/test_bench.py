@@ -65,12 +65,12 @@ def test_bench_records_out_of_memory(tmp_path, monkeypatch):
 
     real = bench._runner
 
-    def runner(system, mm, ids, segment):
+    def runner(system, mm, ids, segment, base_graph=None):
         if system == "base_full" and ids.shape[1] >= 32:
             def boom():
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return boom
-        return real(system, mm, ids, segment)
+        return real(system, mm, ids, segment, base_graph)
 
     monkeypatch.setattr(bench, "_runner", runner)
     config = BenchConfig(contexts=[16, 32, 64], batches=[1], segments=[16], warmup=0, train=False, memory=SMALL)
