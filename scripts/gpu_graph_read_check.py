@@ -89,6 +89,23 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
                 print(rows[-1])
             kernel.LAUNCH.update(chosen)
             result["sweep"] = sorted(rows, key=lambda x: x.get("gpu_us", 1e9))
+            # where the kernel's time goes: its parts switched off one at a time, and a copy of the attention's
+            # output (what any read must at least move) for scale
+            parts = {
+                "full": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate),
+                "no_add": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw),
+                "base_query": lambda: kernel.triton_read(q, k, v, mask, 0.0625, out=out, gate=gate),
+                "after_norm": lambda: kernel.triton_read(q, k, v, mask, 0.0625, out=out, gate=gate,
+                                                         **{k_: kw[k_] for k_ in ("view", "down", "up", "tables")}),
+                "slots_65": lambda: kernel.triton_read(q, k[:, :, :65], v[:, :, :65], mask[..., :65], 0.0625, **kw,
+                                                       out=out, gate=gate),
+                "slots_17": lambda: kernel.triton_read(q, k[:, :, :17], v[:, :, :17], mask[..., :17], 0.0625, **kw,
+                                                       out=out, gate=gate),
+                "copy_out": lambda: out.clone(),
+                "down_linear": lambda: torch.nn.functional.linear(kw["view"], kw["down"]),
+            }
+            result["parts_gpu_us"] = {name: gpu_us(fn) for name, fn in parts.items()}
+            print("parts:", result["parts_gpu_us"])
     print("read call:", {k: v for k, v in result.items() if k != "sweep"})
     return result
 

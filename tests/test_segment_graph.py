@@ -51,6 +51,6 @@ def test_the_bench_replays_the_bare_base_only_beside_a_replayed_memory():
     assert _graphed_base(plain) is None and isinstance(_graphed_base(graphed), GraphedCall)
     ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(2))
     for system in ("base_segments", "memory"):
-        _runner(system, graphed, ids, 5)()
+        _runner(system, graphed, ids, 5, _graphed_base(graphed))()
     assert len(graphed._segment_graph) == 0
     assert BenchConfig().memory.cuda_graph_segments is False
