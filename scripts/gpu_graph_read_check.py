@@ -23,6 +23,16 @@ from gma6.io import atomic_write_text
 from gma6.segment_graph import GraphedCall
 
 
+def _registers(kernel) -> dict:
+    """Registers a thread and spills of the kernel's last compiled variant (Triton's own report)."""
+    try:
+        compiled = list(kernel._kernel().device_caches.values())[0][0]
+        last = list(compiled.values())[-1]
+        return {"n_regs": last.n_regs, "n_spills": last.n_spills}
+    except Exception as e:  # noqa: BLE001 - Triton's internals differ between versions
+        return {"registers": repr(e)[:80]}
+
+
 def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
     """One memory layer's read and gated add, the default's kind at the 270M's shape (4 query heads of 256, 128
     slots + a sink, a rank-8 query adapter before the q-norm), eager (rotated_read + add_read_heads) against
@@ -80,10 +90,10 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
             result[name] = {"gpu_us": gpu_us(fn), "host_us": host_us(fn)}
         if sweep:
             chosen, rows = dict(kernel.LAUNCH), []
-            for bt, bs, w, st in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2)):
+            for bt, bs, w, st in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2, 3)):
                 kernel.LAUNCH.update(block_t=bt, block_s=bs, num_warps=w, num_stages=st)
                 try:
-                    rows.append({**kernel.LAUNCH, "gpu_us": gpu_us(calls["triton"])})
+                    rows.append({**kernel.LAUNCH, "gpu_us": gpu_us(calls["triton"]), **_registers(kernel)})
                 except Exception as e:  # a setting that does not fit the GPU (shared memory, registers)
                     rows.append({**kernel.LAUNCH, "error": repr(e)[:200]})
                 print(rows[-1])

@@ -202,14 +202,19 @@ class MemoryController(nn.Module):
         cfg = self.config
         w = self._stacked("tokens")
         mem = state.memory.transpose(0, 1)  # (L, B, S, D)
-        h = torch.stack(hiddens).to(mem.dtype)  # (L, B, T, H)
+        stacked = torch.stack(hiddens)  # (L, B, T, H) in the base's dtype
+        h = stacked.to(mem.dtype)
         if not full:  # what padding holds must not reach the slots
             h = h.masked_fill(~mask[None, :, :, None], 0.0)
         n_layers, b, s, d = mem.shape
-        t = h.shape[2]
+        t, width = h.shape[2:]
         k = min(cfg.tokens_per_segment, t)
-        hn = F.rms_norm(h, (h.shape[-1],), eps=self.layers[0].norm_h.eps) * w["norm_h"]
-        score = (layer_matmul(hn, w["score_t"]) + w["score_b"]).squeeze(-1)  # (L, B, T)
+        # score = rms_norm(h) * norm_h @ score_t + b, rearranged so that no normed copy of every token is made:
+        # (h @ (norm_h * score_t)) / rms(h), the rms from the base's-dtype stack in one fp32 reduction
+        # (two passes over the segment's hidden states instead of six)
+        sq = torch.linalg.vector_norm(stacked if full else h, dim=-1, dtype=torch.float32).square()
+        inv_rms = torch.rsqrt(sq / width + self.layers[0].norm_h.eps)
+        score = layer_matmul(h, w["score_v"]).squeeze(-1) * inv_rms.to(h.dtype) + w["score_b"].squeeze(-1)
         score = score.masked_fill(~mask[None], float("-inf"))
         top, idx = score.topk(k, dim=-1)
         valid = torch.isfinite(top)
@@ -261,6 +266,7 @@ class MemoryController(nn.Module):
                 "score_t": stack(lambda m: m.score.weight).transpose(-1, -2),  # (L, H, 1)
                 "score_b": stack(lambda m: m.score.bias)[:, None, None],  # (L, 1, 1, 1)
             }
+            w["score_v"] = w["norm_h"][:, 0, 0, :, None] * w["score_t"]  # (L, H, 1): the norm's gain folded in
         elif group == "read":
             w = {
                 "norm_m": stack(lambda m: m.read_gate.norm_m.weight)[:, None, None],  # (L, 1, 1, D)

@@ -138,9 +138,9 @@ def _kernel() -> Callable:
         for s0 in range(0, S1, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             live = s < S1
-            k_at = k_ptr + (kv + s[None, :]) * D + c[:, None]
-            k1 = tl.load(k_at, mask=live[None, :], other=0.0)
-            k2 = tl.load(k_at + HALF, mask=live[None, :], other=0.0)
+            k_at = k_ptr + (kv + s[:, None]) * D + c[None, :]  # (BLOCK_S, HALF) as stored, transposed for the dot
+            k1 = tl.trans(tl.load(k_at, mask=live[:, None], other=0.0))
+            k2 = tl.trans(tl.load(k_at + HALF, mask=live[:, None], other=0.0))
             vv = tl.load(v_ptr + (kv + s[:, None]) * D + dd[None, :], mask=live[:, None], other=0.0)
             if UPCAST:
                 k1, k2, vv = k1.to(tl.float32), k2.to(tl.float32), vv.to(tl.float32)
