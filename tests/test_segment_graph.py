@@ -32,6 +32,35 @@ def test_a_replay_never_stands_in_for_a_cpu_call():
     assert len(graph) == 0 and not calls  # nothing captured before a call
 
 
+def test_a_forward_that_cannot_be_captured_gets_a_clear_error(monkeypatch):
+    """What a capture refuses (a host sync inside the segment) surfaces as an error that names the option; CUDA's
+    streams and graphs are stood in for, so that the capture path runs here."""
+    import contextlib
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def capture(graph, pool=None):
+        yield
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    calls = []
+    graph = GraphedCall(lambda t: (calls.append(1) or t + 1,))
+    with pytest.raises(RuntimeError, match="could not be captured .* run without cuda_graph_segments"):
+        graph(torch.zeros(2))
+    assert len(calls) == 3 and len(graph) == 0  # two warm-up calls and the capture; nothing kept
+
+
 def test_off_cuda_the_read_runs_eagerly_and_equals_the_plain_read():
     ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(1))
     plain, graphed = _model(), _model(cuda_graph_segments=True)

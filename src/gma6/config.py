@@ -94,16 +94,16 @@ class GMA6Config:
             ``read`` runs them): one launch instead of a dozen a layer, for a launch-bound GPU
             (``memory/graphed.py``; fixed buffers of ~40 MB a layer at 8 x 1024 tokens in bf16). Elsewhere, on
             other devices and under ``torch.inference_mode`` (as ``gma6 eval`` runs), the read runs eagerly.
-        cuda_graph_segments: on CUDA, replay each full segment of ``read`` (the base's forward with the memory's
-            read and write) from one CUDA graph a shape (``segment_graph.py``): one launch instead of ~1600 kernels'
-            worth of host work a segment of the 270M. Exact (the same kernels on the same inputs). Needs a base whose
-            forward has no host syncs for full segments (transformers' own skip theirs under capture). Elsewhere
-            (another device, autograd, ``torch.inference_mode``, a segment with padding) the segment runs eagerly.
         triton_read: on CUDA, make each layer's read (``read_site="attention"`` on the base's attention function)
             one Triton kernel (``memory/triton_read.py``): the query adapter's change, q-norm, RoPE, the slots'
             attention and the gated add in one pass over the queries instead of a dozen kernels. Within bf16 rounding
             of the eager read; needs the ``triton`` package. Where it cannot run (autograd, another device) the
             read runs eagerly. With ``cuda_graph_read`` the graphs replay the kernel.
+        cuda_graph_segments: on CUDA, replay each full segment of ``read`` (the base's forward with the memory's
+            read and write) from one CUDA graph a shape (``segment_graph.py``): one launch instead of ~1600 kernels'
+            worth of host work a segment of the 270M. Exact (the same kernels on the same inputs). Needs a base whose
+            forward has no host syncs for full segments (transformers' own skip theirs under capture). Elsewhere
+            (another device, autograd, ``torch.inference_mode``, a segment with padding) the segment runs eagerly.
         lora_rank: rank of the LoRA co-trained on the base's attention (0: none); set by
             ``add_lora``, saved with the adapter.
         lora_alpha: LoRA scaling numerator (None: ``2 * lora_rank``).

@@ -62,8 +62,14 @@ class GraphedCall:
                 self._fn(*inputs)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = tuple(self._fn(*inputs))
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                outputs = tuple(self._fn(*inputs))
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"gma6: a CUDA graph of the segment could not be captured ({e}): the forward does something a graph "
+                "cannot record (a host sync, a tensor's value read on the host); run without cuda_graph_segments"
+            ) from e
         self._pool = graph.pool()
         return graph, inputs, outputs
 
