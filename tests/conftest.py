@@ -46,6 +46,26 @@ def perturb(mm, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
+def base_read_config(**kw):
+    """The shipped default's kind (tokens kept as slots, read inside the next layer's attention) at test size."""
+    from gma6 import GMA6Config
+
+    args = dict(num_slots=6, memory_dim=None, layers=[0, 1, 2], write_rule="tokens", tokens_per_segment=3,
+                read_rule="base", token_retention="priority", usage_decay=0.99, read_site="attention")
+    args.update(kw)
+    return GMA6Config(**args)
+
+
+def trained_base_read(base, **kw):
+    """``base_read_config(**kw)`` attached to ``base`` with random weights (the same for the same ``kw``)."""
+    from gma6 import attach_memory
+
+    torch.manual_seed(5)  # the memory's initial weights too: models compared get the same
+    mm = attach_memory(base, base_read_config(**kw))
+    perturb(mm)
+    return mm
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_gemma3()

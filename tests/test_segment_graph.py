@@ -6,20 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import perturb, tiny_gemma3
-from gma6 import GMA6Config, attach_memory
+from conftest import tiny_gemma3, trained_base_read
+from gma6 import GMA6Config
 from gma6.bench import BenchConfig, _graphed_base, _runner
 from gma6.segment_graph import GraphedCall
 
 
 def _model(**kw):
-    torch.manual_seed(5)
-    config = GMA6Config(num_slots=6, memory_dim=None, layers=[0, 1, 2], write_rule="tokens", tokens_per_segment=3,
-                        read_rule="base", token_retention="priority", usage_decay=0.99, read_site="attention",
-                        read_rank=2, **kw)
-    mm = attach_memory(tiny_gemma3(layers=4).float(), config)
-    perturb(mm)
-    return mm
+    return trained_base_read(tiny_gemma3(layers=4).float(), read_rank=2, **kw)
 
 
 def test_a_replay_never_stands_in_for_a_cpu_call():

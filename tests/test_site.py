@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import perturb, tiny_gemma3
+from conftest import base_read_config, perturb, tiny_gemma3, trained_base_read
 
 from gma6 import GMA6Config
 from gma6.integration import hook_count
@@ -12,18 +12,8 @@ from gma6.model import attach_memory
 from gma6.site import AttentionSites, supported
 
 
-def _config(**kw) -> GMA6Config:
-    args = dict(num_slots=6, memory_dim=None, layers=[0, 1, 2], write_rule="tokens", tokens_per_segment=3,
-                read_rule="base", token_retention="priority", usage_decay=0.99, read_site="attention")
-    args.update(kw)
-    return GMA6Config(**args)
-
-
-def _trained(base, **kw):
-    torch.manual_seed(5)  # the memory's initial weights too: models compared get the same
-    mm = attach_memory(base, _config(**kw))
-    perturb(mm)
-    return mm
+_config = base_read_config
+_trained = trained_base_read
 
 
 def _two_segments(mm, ids):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import perturb, tiny_gemma3
+from conftest import tiny_gemma3, trained_base_read
 from gma6 import GMA6Config, attach_memory
 from gma6.integration import hook_count
 from gma6.memory import triton_read as kernel
@@ -90,12 +90,7 @@ def test_what_the_kernel_refuses_where_it_could_run(interpreted):
 
 
 def _model(**kw):
-    torch.manual_seed(5)
-    config = GMA6Config(num_slots=6, memory_dim=None, layers=[0, 1, 2], write_rule="tokens", tokens_per_segment=3,
-                        read_rule="base", token_retention="priority", usage_decay=0.99, read_site="attention", **kw)
-    mm = attach_memory(tiny_gemma3(layers=4, head_dim=32).float(), config)
-    perturb(mm)
-    return mm
+    return trained_base_read(tiny_gemma3(layers=4, head_dim=32).float(), **kw)
 
 
 def _read_and_answer(mm, ids):
@@ -110,8 +105,8 @@ def test_a_model_reads_through_the_kernel_as_it_reads_eagerly(interpreted, read_
     ``triton_read=True``, the kernel called at every memory layer of every forward without autograd."""
     ids = torch.randint(3, 64, (2, 18), generator=torch.Generator().manual_seed(3))
     calls = []
-    real = kernel.triton_read
-    monkeypatch.setattr(kernel, "triton_read", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernel.launch
+    monkeypatch.setattr(kernel, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
     eager = _model(read_rank=2, read_query=read_query)
     fused = _model(read_rank=2, read_query=read_query, triton_read=True)
     want_state, want = _read_and_answer(eager, ids)

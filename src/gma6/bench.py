@@ -301,7 +301,7 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
 def _graphed_base(mm: MemoryModel) -> GraphedCall | None:
     """The bare base's full segment replayed from a CUDA graph, where the memory's segments are
     (``cuda_graph_segments``): the floor a replayed memory is compared with."""
-    if not getattr(mm.config, "cuda_graph_segments", False):
+    if not mm.config.cuda_graph_segments:
         return None
     base = mm.base
     return GraphedCall(lambda ids: (base(input_ids=ids, logits_to_keep=1, use_cache=False).logits,))
