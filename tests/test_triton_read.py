@@ -87,6 +87,7 @@ def test_what_the_kernel_refuses_where_it_could_run(interpreted):
     q48 = q[..., :48]
     assert "head size 48" in kernel.unsupported(q48, k[..., :48], v[..., :48], mask, 0.1)
     assert "dtypes" in kernel.unsupported(q.half(), k, v, mask, 0.1)
+    assert "shapes" in kernel.unsupported(q, k[:1], v[:1], mask, 0.1)  # the slots of another batch
 
 
 def _model(**kw):

@@ -65,6 +65,9 @@ def unsupported(
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}"
     if q.shape[1] % k.shape[1]:
         return f"{q.shape[1]} query heads over {k.shape[1]} slot heads"
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[-1] != d or mask.shape[0] not in (1, q.shape[0]):
+        return (f"shapes: queries {tuple(q.shape)}, slot keys {tuple(k.shape)}, values {tuple(v.shape)}, mask "
+                f"{tuple(mask.shape)} (one batch, the same head size)")
     return None
 
 
