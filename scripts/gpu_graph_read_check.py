@@ -20,6 +20,7 @@ import torch
 import gma6
 from gma6.base import default_adapter
 from gma6.io import atomic_write_text
+from gma6.memory.attention import version_key
 from gma6.segment_graph import GraphedCall
 
 
@@ -151,7 +152,8 @@ def main() -> None:
     ids = torch.randint(3, 1000, (args.batch, args.tokens * args.segments), generator=g).cuda()
     question = torch.randint(3, 1000, (args.batch, 64), generator=g).cuda()
     got = {}
-    bare_graph = GraphedCall(lambda x: (base(input_ids=x, logits_to_keep=1, use_cache=False).logits,))
+    bare_graph = GraphedCall(lambda x: (base(input_ids=x, logits_to_keep=1, use_cache=False).logits,),
+                             lambda: version_key(list(base.parameters())))
     for variant in variants:
         parts = set(variant.split("+"))
         if not parts <= {"eager", "graphed", "triton", "segments"}:

@@ -26,9 +26,10 @@ def test_a_replay_never_stands_in_for_a_cpu_call():
     assert len(graph) == 0 and not calls  # nothing captured before a call
 
 
-def test_a_forward_that_cannot_be_captured_gets_a_clear_error(monkeypatch):
-    """What a capture refuses (a host sync inside the segment) surfaces as an error that names the option; CUDA's
-    streams and graphs are stood in for, so that the capture path runs here."""
+@pytest.fixture
+def stand_in_cuda(monkeypatch):
+    """CUDA's streams and graphs stood in for, so that GraphedCall's capture path runs on the CPU: a "capture" runs
+    the function once (as recording does), a "replay" does nothing. ``failing.append(True)`` makes captures fail."""
     import contextlib
 
     class Stream:
@@ -38,21 +39,61 @@ def test_a_forward_that_cannot_be_captured_gets_a_clear_error(monkeypatch):
         def wait_stream(self, other):
             pass
 
+    class Graph:
+        def replay(self):
+            pass
+
+        def pool(self):
+            return None
+
+    failing: list[bool] = []
+
     @contextlib.contextmanager
     def capture(graph, pool=None):
         yield
-        raise RuntimeError("operation not permitted when stream is capturing")
+        if failing:
+            raise RuntimeError("operation not permitted when stream is capturing")
 
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
     monkeypatch.setattr(torch.cuda, "graph", capture)
+    return failing
+
+
+def test_a_forward_that_cannot_be_captured_gets_a_clear_error(stand_in_cuda):
+    """What a capture refuses (a host sync inside the segment) surfaces as an error that names the option."""
+    stand_in_cuda.append(True)
     calls = []
     graph = GraphedCall(lambda t: (calls.append(1) or t + 1,))
     with pytest.raises(RuntimeError, match="could not be captured .* run without cuda_graph_segments"):
         graph(torch.zeros(2))
     assert len(calls) == 3 and len(graph) == 0  # two warm-up calls and the capture; nothing kept
+
+
+def test_a_graph_is_captured_once_a_shape_and_again_when_a_weight_changes(stand_in_cuda):
+    """Replays reuse a shape's graph and copy its inputs in and its outputs out; a changed weight (a new version)
+    means a new capture, since a graph reads what was derived from the weights when it was recorded; without a
+    weights key (inference tensors) the function runs as it is."""
+    from gma6.memory.attention import version_key
+
+    w = torch.ones(3)
+    calls = []
+    graph = GraphedCall(lambda t: (calls.append(1) or t * w,), lambda: version_key([w]))
+    with torch.no_grad():
+        first = graph(torch.full((3,), 2.0))
+        assert len(calls) == 3 and torch.equal(first[0], torch.full((3,), 2.0))
+        graph(torch.full((3,), 5.0))
+        assert len(calls) == 3 and len(graph) == 1  # replayed, not called
+        w.mul_(3)  # an optimizer step
+        graph(torch.full((3,), 5.0))
+        assert len(calls) == 6 and len(graph) == 1  # recaptured in place of the stale one
+        graph(torch.zeros(2, 3))
+        assert len(calls) == 9 and len(graph) == 2  # a new shape
+    eager = GraphedCall(lambda t: (calls.append(1) or t,), lambda: None)
+    eager(torch.zeros(2))
+    assert len(calls) == 10 and len(eager) == 0
 
 
 def test_off_cuda_the_read_runs_eagerly_and_equals_the_plain_read():

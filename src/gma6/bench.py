@@ -59,6 +59,7 @@ from torch import nn
 from .config import GMA6Config
 from .model import MemoryModel, attach_memory, full_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
+from .memory.attention import version_key
 from .segment_graph import GraphedCall
 
 SYSTEMS = ("base_segments", "memory", "base_full")
@@ -304,7 +305,8 @@ def _graphed_base(mm: MemoryModel) -> GraphedCall | None:
     if not mm.config.cuda_graph_segments:
         return None
     base = mm.base
-    return GraphedCall(lambda ids: (base(input_ids=ids, logits_to_keep=1, use_cache=False).logits,))
+    return GraphedCall(lambda ids: (base(input_ids=ids, logits_to_keep=1, use_cache=False).logits,),
+                       lambda: version_key(list(base.parameters())))
 
 
 def _estimate(system: str, mm: MemoryModel, batch: int, context: int, segment: int | None) -> float:

@@ -18,7 +18,7 @@ from torch import nn
 from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
-from .memory.attention import read_dtype
+from .memory.attention import read_dtype, version_key
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory.graphed import GraphedReads
 from .memory import triton_read as kernel
@@ -142,7 +142,7 @@ class MemoryModel(MemoryWrapper):
             if self.config.cuda_graph_read:
                 self._graphed = GraphedReads(kernel.triton_read if self.config.triton_read else rotated_read)
             if self.config.cuda_graph_segments:
-                self._segment_graph = GraphedCall(self._graph_step)
+                self._segment_graph = GraphedCall(self._graph_step, lambda: version_key(list(self.parameters())))
         except BaseException:
             self.detach()
             raise

@@ -27,9 +27,14 @@ class GraphedCall:
     on the host (CUDA graphs record kernels, not Python). The outputs returned are copies (the next replay
     overwrites the graph's own)."""
 
-    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]]) -> None:
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]],
+                 weights_key: Callable[[], tuple | None] | None = None) -> None:
+        """``weights_key``: a key of what ``fn`` reads besides its arguments (``version_key`` of its parameters): a
+        graph replays the kernels it recorded, which read tensors derived from the weights at capture (cached
+        casts and stacks), so a changed weight means a new capture; None from it means no replay (run ``fn``)."""
         self._fn = fn
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+        self._weights_key = weights_key
+        self._graphs: dict[tuple, tuple] = {}  # shapes -> (weights key, graph, inputs, outputs)
         self._pool = None
 
     @staticmethod
@@ -40,13 +45,17 @@ class GraphedCall:
                 and not torch.cuda.is_current_stream_capturing())
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        weights = self._weights_key() if self._weights_key is not None else ()
+        if weights is None:
+            return tuple(self._fn(*args))
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
         entry = self._graphs.get(key)
-        if entry is None:
+        if entry is None or entry[0] != weights:
+            self._graphs.pop(key, None)  # recorded with other weights: dropped with its buffers
             if len(self._graphs) >= _MAX_GRAPHS:
                 self.clear()
-            entry = self._graphs[key] = self._capture(args)
-        graph, inputs, outputs = entry
+            entry = self._graphs[key] = (weights, *self._capture(args))
+        _, graph, inputs, outputs = entry
         for fixed, a in zip(inputs, args):
             fixed.copy_(a)
         graph.replay()
