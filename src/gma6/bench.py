@@ -57,9 +57,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GMA6Config
+from .memory.attention import version_key
 from .model import MemoryModel, attach_memory, full_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
-from .memory.attention import version_key
 from .segment_graph import GraphedCall
 
 SYSTEMS = ("base_segments", "memory", "base_full")
@@ -274,7 +274,6 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
         return lambda: mm.read(ids, segment_length=segment)
     # No system keeps a KV cache: none reads it, and the one-pass base's would grow with the context.
     if system == "base_segments":
-        graphed = base_graph
 
         @torch.no_grad()
         def run() -> None:
@@ -282,8 +281,8 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
             segments = split_segments(ids, mask, segment)
             # as the memory's read does: no padding mask where a segment has no padding
             for (seg_ids, seg_mask), full in zip(segments, full_segments(segments)):
-                if graphed is not None and full and graphed.usable(seg_ids):
-                    graphed(seg_ids)
+                if base_graph is not None and full and base_graph.usable(seg_ids):
+                    base_graph(seg_ids)
                 else:
                     base(input_ids=seg_ids, attention_mask=None if full else seg_mask.long(), logits_to_keep=1,
                          use_cache=False)

@@ -20,8 +20,8 @@ from .integration import LayerHooks, find_decoder_layers, find_reading_norms, no
 from .memory import MemoryController
 from .memory.attention import read_dtype, version_key
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
-from .memory.graphed import GraphedReads
 from .memory import triton_read as kernel
+from .memory.graphed import GraphedReads
 from .segment_graph import GraphedCall
 from .site import AttentionSites, supported
 from .state import MemoryState
