@@ -118,3 +118,22 @@ def test_the_bench_replays_the_bare_base_only_beside_a_replayed_memory():
         _runner(system, graphed, ids, 5, _graphed_base(graphed))()
     assert len(graphed._segment_graph) == 0
     assert BenchConfig().memory.cuda_graph_segments is False
+
+
+def test_a_read_takes_the_weights_key_once():
+    """read() promises its weights do not change, so a segment graph's key is taken once a read (not at each of its
+    segments); outside a read the key follows every change."""
+    mm = _model(cuda_graph_segments=True)
+    with torch.no_grad():
+        before = mm._weights_key()
+        with mm._reading():
+            inside = mm._weights_key()
+            assert inside == before and mm._fixed_weights is inside
+        assert mm._fixed_weights is None
+        next(mm.controller.parameters()).add_(1.0)
+        assert mm._weights_key() != before
+    entered, reading = [], mm._reading
+    mm._reading = lambda: entered.append(1) or reading()
+    mm.read(torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(3)), segment_length=5)
+    assert entered == [1]  # once for its four segments
+    mm.detach()

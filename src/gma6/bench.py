@@ -601,7 +601,7 @@ def _paired(mm: MemoryModel, config: BenchConfig, vocab: int, device: torch.devi
         return time.perf_counter() - t0, out
 
     graphed = base_graph
-    with torch.no_grad():
+    with torch.no_grad(), mm._reading():  # as read() runs its segments
         if graphed is not None:  # capture both graphs before the timed pairs
             graphed(segs[0][0])
             mm._read_step(segs[0][0], segs[0][1], state, full=True)

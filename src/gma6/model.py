@@ -8,6 +8,8 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -93,8 +95,10 @@ class MemoryModel(MemoryWrapper):
         self._site_query: dict[int, list] = {}
         # GMA6Config.cuda_graph_read: the reads' CUDA graphs, their fixed buffers and rotary tables
         self._graphed: GraphedReads | None = None
-        # GMA6Config.cuda_graph_segments: read()'s full segments replayed from one CUDA graph a shape
+        # GMA6Config.cuda_graph_segments: read()'s full segments replayed from one CUDA graph a shape; the weights'
+        # key taken once for a whole read (_reading) instead of at every segment
         self._segment_graph: GraphedCall | None = None
+        self._fixed_weights: tuple | None = None
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -142,7 +146,7 @@ class MemoryModel(MemoryWrapper):
             if self.config.cuda_graph_read:
                 self._graphed = GraphedReads(kernel.triton_read if self.config.triton_read else rotated_read)
             if self.config.cuda_graph_segments:
-                self._segment_graph = GraphedCall(self._graph_step, lambda: version_key(list(self.parameters())))
+                self._segment_graph = GraphedCall(self._graph_step, self._weights_key)
         except BaseException:
             self.detach()
             raise
@@ -437,6 +441,25 @@ class MemoryModel(MemoryWrapper):
     def _hidden_dtype(self) -> torch.dtype:
         """The dtype of the base's residual stream (its embeddings'; a 4-bit base computes in those too)."""
         return self.base.get_input_embeddings().weight.dtype
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Inside: no parameter changes (``read`` enters it: nothing trains within one read), so replayed segments
+        (``cuda_graph_segments``) take the weights' versions once, not at every segment (a few hundred tensors: host
+        time a segment)."""
+        previous = self._fixed_weights
+        with torch.no_grad():
+            self._fixed_weights = version_key(list(self.parameters()))
+        try:
+            yield
+        finally:
+            self._fixed_weights = previous
+
+    def _weights_key(self) -> tuple | None:
+        """What a segment graph was recorded with: the parameters' versions (None: inference tensors, no replay)."""
+        if self._fixed_weights is not None:
+            return self._fixed_weights
+        return version_key(list(self.parameters()))
 
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -122,10 +122,15 @@ class MemoryWrapper(nn.Module):
         self._check_read_budget(input_ids.shape[0], segment_length)
         segments = split_segments(input_ids, mask, segment_length, bos_token_id)
         full = full_segments(segments)
-        for (seg_ids, seg_mask), f in tqdm(zip(segments, full), total=len(segments), desc="reading", unit="segment",
-                                           disable=not progress):
-            state = self._read_step(seg_ids, seg_mask, state, f)
+        with self._reading():
+            for (seg_ids, seg_mask), f in tqdm(zip(segments, full), total=len(segments), desc="reading",
+                                               unit="segment", disable=not progress):
+                state = self._read_step(seg_ids, seg_mask, state, f)
         return state.to("cpu") if self.config.offload_to_cpu else state
+
+    def _reading(self) -> ContextManager[None]:
+        """Entered for the whole of ``read``: what a subclass sets up once for all its segments."""
+        return nullcontext()
 
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
         """One segment of ``read`` (already checked and cut by ``split_segments``; ``full``: no padding)."""
