@@ -20,9 +20,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-# How the kernel is launched: tokens a program takes, slots a step of its online softmax takes, warps and pipeline
-# stages. Chosen on an H200 among the settings `scripts/gpu_graph_read_check.py --sweep` times (bf16, 8 x 1024
-# tokens, 4 heads of 256, 129 slots).
+# How the kernel (``triton_kernels.read_kernel``) is launched: tokens a program takes, slots a step of its online
+# softmax takes, warps and pipeline stages. Chosen on an H200 among the settings `scripts/gpu_graph_read_check.py
+# --sweep` times (bf16, 8 x 1024 tokens, 4 heads of 256, 129 slots).
 LAUNCH = {"block_t": 32, "block_s": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -73,97 +73,7 @@ def unsupported(
 
 @functools.cache
 def _kernel() -> Callable:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def read_kernel(
-        out_ptr, res_ptr, q_ptr, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, gate_ptr,
-        T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
-        D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
-        ROTATE: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-    ):
-        # Layouts (all contiguous): q (B, n, T, D); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin
-        # (B or 1, T, D); k, v (B, n/group, S1, D); mask (B or 1, S1); out (B, T, n, D); the result as out, or
-        # (B, n, T, D) without it. MODE 0: the base's finished queries; 1: plus the adapter's change rotated alone
-        # (after the q-norm); 2: the q projection's output plus the change, normed and rotated (before it).
-        HALF: tl.constexpr = D // 2
-        b = tl.program_id(1) // n_heads
-        h = tl.program_id(1) % n_heads
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-        rows = t < T
-        c = tl.arange(0, HALF)
-        q_at = q_ptr + ((b * n_heads + h) * T + t[:, None]) * D + c[None, :]
-        # RoPE pairs column i with i + D/2, so the query is built in two halves
-        if MODE == 0:
-            x1 = tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)
-            x2 = tl.load(q_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-        else:
-            # the change low @ up.T, its rank padded to RP (tl.dot takes no fewer than 16)
-            j = tl.arange(0, RP)
-            low = tl.load(low_ptr + (b * T + t[:, None]) * R + j[None, :], mask=rows[:, None] & (j[None, :] < R),
-                          other=0.0)
-            up1 = tl.load(up_ptr + (h * D + c[None, :]) * R + j[:, None], mask=j[:, None] < R, other=0.0)
-            up2 = tl.load(up_ptr + (h * D + HALF + c[None, :]) * R + j[:, None], mask=j[:, None] < R, other=0.0)
-            if UPCAST:
-                low, up1, up2 = low.to(tl.float32), up1.to(tl.float32), up2.to(tl.float32)
-            x1 = tl.dot(low, up1, input_precision=PRECISION)
-            x2 = tl.dot(low, up2, input_precision=PRECISION)
-            if MODE == 2:
-                pre_at = pre_ptr + (b * T + t[:, None]) * (n_heads * D) + h * D + c[None, :]
-                x1 += tl.load(pre_at, mask=rows[:, None], other=0.0).to(tl.float32)
-                x2 += tl.load(pre_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-                if NORM:
-                    inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
-                    x1 = x1 * inv[:, None] * tl.load(gain_ptr + c)[None, :]
-                    x2 = x2 * inv[:, None] * tl.load(gain_ptr + HALF + c)[None, :]
-            if ROTATE:
-                tab = b * s_cb + t[:, None] * D + c[None, :]
-                cos1 = tl.load(cos_ptr + tab, mask=rows[:, None], other=0.0).to(tl.float32)
-                cos2 = tl.load(cos_ptr + tab + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-                sin1 = tl.load(sin_ptr + tab, mask=rows[:, None], other=0.0).to(tl.float32)
-                sin2 = tl.load(sin_ptr + tab + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-                x1, x2 = x1 * cos1 + x2 * sin1, x2 * cos2 + x1 * sin2
-            if MODE == 1:
-                x1 += tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)
-                x2 += tl.load(q_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-        # the query in the slots' dtype, as the eager read hands it to SDPA
-        q1 = x1.to(k_ptr.dtype.element_ty)
-        q2 = x2.to(k_ptr.dtype.element_ty)
-        if UPCAST:  # the interpreter's dot is wrong for 16-bit operands
-            q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
-        dd = tl.arange(0, D)
-        kv = (b * (n_heads // group) + h // group) * S1
-        m_i = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # finite: a step whose slots are all masked adds nothing
-        l_i = tl.zeros((BLOCK_T,), tl.float32)
-        acc = tl.zeros((BLOCK_T, D), tl.float32)
-        for s0 in range(0, S1, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            live = s < S1
-            k_at = k_ptr + (kv + s[:, None]) * D + c[None, :]  # (BLOCK_S, HALF) as stored, transposed for the dot
-            k1 = tl.trans(tl.load(k_at, mask=live[:, None], other=0.0))
-            k2 = tl.trans(tl.load(k_at + HALF, mask=live[:, None], other=0.0))
-            vv = tl.load(v_ptr + (kv + s[:, None]) * D + dd[None, :], mask=live[:, None], other=0.0)
-            if UPCAST:
-                k1, k2, vv = k1.to(tl.float32), k2.to(tl.float32), vv.to(tl.float32)
-            scores = tl.dot(q1, k1, input_precision=PRECISION) + tl.dot(q2, k2, input_precision=PRECISION)
-            bias = tl.load(mask_ptr + b * s_mb + s, mask=live, other=float("-inf")).to(tl.float32)
-            scores = scores * scaling + bias[None, :]
-            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-            m_i = m_new
-        read = acc / l_i[:, None]
-        if HAS_OUT:
-            at = ((b * T + t[:, None]) * n_heads + h) * D + dd[None, :]
-            base = tl.load(out_ptr + at, mask=rows[:, None], other=0.0)
-            read = base.to(tl.float32) + tl.load(gate_ptr + h * D + dd).to(tl.float32)[None, :] * read
-        else:
-            at = ((b * n_heads + h) * T + t[:, None]) * D + dd[None, :]
-        tl.store(res_ptr + at, read.to(res_ptr.dtype.element_ty), mask=rows[:, None])
+    from .triton_kernels import read_kernel
 
     return read_kernel
 
