@@ -106,8 +106,8 @@ def test_a_model_reads_through_the_kernel_as_it_reads_eagerly(interpreted, read_
     ``triton_read=True``, the kernel called at every memory layer of every forward without autograd."""
     ids = torch.randint(3, 64, (2, 18), generator=torch.Generator().manual_seed(3))
     calls = []
-    real = kernel.launch
-    monkeypatch.setattr(kernel, "launch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = kernel.triton_read
+    monkeypatch.setattr(kernel, "triton_read", lambda *a, **k: calls.append(1) or real(*a, **k))
     eager = _model(read_rank=2, read_query=read_query)
     fused = _model(read_rank=2, read_query=read_query, triton_read=True)
     want_state, want = _read_and_answer(eager, ids)

@@ -290,7 +290,7 @@ class MemoryModel(MemoryWrapper):
                 return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
                                                         gain, eps), gate)
             if fits:
-                return kernel.launch(*args, out=out, gate=gate)
+                return kernel.triton_read(*args, out=out, gate=gate, checked=True)
             return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
 
         return site

@@ -83,25 +83,16 @@ def triton_read(
     view: torch.Tensor | None = None, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
     tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
     gain: torch.Tensor | None = None, eps: float = 0.0, norm: object | None = None,
-    out: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+    out: torch.Tensor | None = None, gate: torch.Tensor | None = None, checked: bool = False,
 ) -> torch.Tensor:
     """``rotated_read`` (same arguments) in one kernel: the read (B, n, T, d); with ``out`` (B, T, n, d) and ``gate``
-    (n*d,), ``add_read_heads(out, read, gate)`` instead. A read ``unsupported`` names raises ``ValueError``."""
-    why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm)
-    if why is not None:
-        raise ValueError(f"triton_read cannot take this read: {why}")
-    return launch(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm, out=out, gate=gate)
-
-
-def launch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float,
-    view: torch.Tensor | None = None, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
-    tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
-    gain: torch.Tensor | None = None, eps: float = 0.0, norm: object | None = None,
-    out: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``triton_read`` without its check, for a caller that made it (the read's hook, once a layer and segment:
-    host time is what a launch-bound GPU waits on)."""
+    (n*d,), ``add_read_heads(out, read, gate)`` instead. A read ``unsupported`` names raises ``ValueError``;
+    ``checked``: the caller asked ``unsupported`` already (the read's hook, once a layer and segment: host time is
+    what a launch-bound GPU waits on)."""
+    if not checked:
+        why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm)
+        if why is not None:
+            raise ValueError(f"triton_read cannot take this read: {why}")
     b, n, t, d = q.shape
     # .contiguous() is free where a tensor already is (the base's queries and the staged slots are)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
