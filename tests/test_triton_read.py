@@ -69,6 +69,21 @@ def test_the_kernel_equals_the_eager_read(interpreted, kind, dtype):
     assert not torch.equal(got_added, out)
 
 
+@pytest.mark.parametrize("kind", ["base_query", "after_norm", "before_norm"])
+def test_the_kernel_reads_strided_queries_and_masks_in_place(interpreted, kind):
+    """As the model hands them over: the base's queries a transposed view of its projection (B, T, n, d), each layer's
+    mask a view into rows padded to 8 entries. Same result as from dense copies."""
+    q, k, v, mask, kw, out, gate = _read_args(torch.float32, kind)
+    q_view = q.transpose(1, 2).contiguous().transpose(1, 2)
+    padded = torch.full((*mask.shape[:-1], mask.shape[-1] + 2), 7.0)
+    padded[..., : mask.shape[-1]] = mask
+    mask_view = padded[..., : mask.shape[-1]]
+    assert not q_view.is_contiguous() and not mask_view.is_contiguous()
+    want = kernel.triton_read(q, k, v, mask, 0.1, **kw, out=out, gate=gate)
+    got = kernel.triton_read(q_view, k, v, mask_view, 0.1, **kw, out=out, gate=gate)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_what_the_kernel_refuses(compiled_only):
     q, k, v, mask, kw, out, gate = _read_args(torch.float32, "before_norm")
     assert "not CUDA" in kernel.unsupported(q, k, v, mask, 0.1, **kw)  # no interpreter here: CPU tensors are refused

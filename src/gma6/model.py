@@ -570,7 +570,8 @@ class MemoryModel(MemoryWrapper):
         call.site_slots = self._stacked.prepare(
             call.memory, call.log_usage, torch.stack([m.sink for m in layers]), dtype,
             [m.read_k for m in layers] if adapters else None, [m.read_v for m in layers] if adapters else None,
-            call.rope, rotated=self._sites is not None, stage=None if self._graphed is None else self._graphed.stage)
+            call.rope, rotated=self._sites is not None, stage=None if self._graphed is None else self._graphed.stage,
+            repeat=not self.config.triton_read)
 
     def _log_usage(self, state: MemoryState) -> torch.Tensor | None:
         return log_usage(state.usage) if self._base_reads is not None else None

@@ -506,25 +506,37 @@ class StackedSlots:
     def prepare(
         self, memory: torch.Tensor, log_usage: torch.Tensor, sinks: torch.Tensor, dtype: torch.dtype,
         k_adapters: list[nn.Module] | None = None, v_adapters: list[nn.Module] | None = None, cache: dict | None = None,
-        rotated: bool = False, stage: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+        rotated: bool = False, stage: Callable[..., tuple[torch.Tensor, ...]] | None = None, repeat: bool = True,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """memory (B, L, S, H), log_usage (B, L, S), sinks (L,) -> per layer ``prepare_slots``' (k, v, mask).
-        ``stage(k, v, mask)``, if given, takes every layer's at once (L leading) and returns where to read them from."""
+        ``stage(k, v, mask)``, if given, takes every layer's at once (L leading) and returns where to read them from.
+        ``repeat``: the keys and values repeated over the query groups (for SDPA; the Triton read takes them as
+        they are)."""
         b, n_layers, s, h = memory.shape
         r0 = self.reads[0]
         d = r0.head_dim
         w = self._weights(dtype, memory.device)
-        x = memory.transpose(0, 1).to(dtype).reshape(n_layers, b * s, h)  # (L, B*S, H)
+        # one copy: the cast lays the transposed memory out densely (a cast keeping its strides, then a reshape,
+        # copied twice)
+        x = memory.transpose(0, 1).to(dtype, memory_format=torch.contiguous_format).reshape(n_layers, b * s, h)
 
-        def adapted(adapters: list[nn.Module] | None) -> torch.Tensor:
-            if adapters is None:
-                return x
-            down = torch.stack([a.down.weight for a in adapters]).transpose(1, 2)  # (L, H, r)
-            up = torch.stack([a.up.weight for a in adapters]).transpose(1, 2)  # (L, r, H)
-            return x + ((x.to(down.dtype) @ down) @ up).to(dtype)
-
-        k = adapted(k_adapters) @ w["wk"]
-        v = adapted(v_adapters) @ w["wv"]
+        xk = xv = x
+        if k_adapters is not None or v_adapters is not None:
+            # both adapters' down projections in one matmul, from one cast of the slots (the adapters' dtype)
+            pairs = [(name, a) for name, a in (("k", k_adapters), ("v", v_adapters)) if a is not None]
+            down = torch.cat([torch.stack([m.down.weight for m in a]) for _, a in pairs], 1).transpose(1, 2)
+            low = x.to(down.dtype) @ down  # (L, B*S, r_k + r_v)
+            start = 0
+            for name, a in pairs:
+                up = torch.stack([m.up.weight for m in a]).transpose(1, 2)  # (L, r, H)
+                adapted = x + (low[..., start: start + up.shape[1]] @ up).to(dtype)
+                start += up.shape[1]
+                if name == "k":
+                    xk = adapted
+                else:
+                    xv = adapted
+        k = xk @ w["wk"]
+        v = xv @ w["wv"]
         if w["bk"] is not None:
             k = k + w["bk"][:, None, :]
         if w["bv"] is not None:
@@ -540,7 +552,7 @@ class StackedSlots:
         zero = k.new_zeros(n_layers, b, k.shape[2], 1, d)
         k = torch.cat([k, zero], dim=3)
         v = torch.cat([v, zero], dim=3)
-        if r0.groups > 1 and all(r.groups == r0.groups for r in self.reads):
+        if repeat and r0.groups > 1 and all(r.groups == r0.groups for r in self.reads):
             # repeated over the query groups here for every layer at once (two kernels a segment, not two a layer: see slots_sdpa)
             k, v = k.repeat_interleave(r0.groups, dim=2), v.repeat_interleave(r0.groups, dim=2)
         # Each layer's mask is a view into one tensor: its rows padded to a multiple of 8 entries, so every

@@ -38,13 +38,14 @@ def store_read(read, cols, out_ptr, res_ptr, gate_ptr, b, h, t, rows, T, n_heads
 @triton.jit
 def read_kernel(
     out_ptr, res_ptr, q_ptr, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, gate_ptr,
-    T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
+    q_sb, q_sn, q_st, T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
     D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
     ROTATE: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # Layouts (all contiguous): q (B, n, T, D); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin
-    # (B or 1, T, D); k, v (B, n/group, S1, D); mask (B or 1, S1); out (B, T, n, D); the result as out, or
+    # Layouts (contiguous unless strides are given): q (B, n, T, D) with strides q_sb, q_sn, q_st (its last dense;
+    # read in modes 0 and 1 only); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin (B or 1, T, D); k, v
+    # (B, n/group, S1, D); mask (B or 1, S1), its rows s_mb apart; out (B, T, n, D); the result as out, or
     # (B, n, T, D) without it. MODE 0: the base's finished queries; 1: plus the adapter's change rotated alone
     # (after the q-norm); 2: the q projection's output plus the change, normed and rotated (before it).
     HALF: tl.constexpr = D // 2
@@ -53,7 +54,7 @@ def read_kernel(
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = t < T
     c = tl.arange(0, HALF)
-    q_at = q_ptr + ((b * n_heads + h) * T + t[:, None]) * D + c[None, :]
+    q_at = q_ptr + b * q_sb + h * q_sn + t[:, None] * q_st + c[None, :]
     # RoPE pairs column i with i + D/2, so the query is built in two halves
     if MODE == 0:
         x1 = tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)

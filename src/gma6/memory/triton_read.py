@@ -94,10 +94,15 @@ def triton_read(
         if why is not None:
             raise ValueError(f"triton_read cannot take this read: {why}")
     b, n, t, d = q.shape
-    # .contiguous() is free where a tensor already is (the base's queries and the staged slots are)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    mask = mask.reshape(mask.shape[0], mask.shape[-1]).contiguous()
-    dummy = q  # passed where a flag is off: never read
+    # Read in place through their strides: the base's queries (B, n, T, d) are a transposed view of its projection
+    # and each layer's slot mask a view into every layer's padded rows; copies of them cost the GPU ~25 us a layer
+    # (the queries, which the adapter's kind before the q-norm never reads) a segment. Only the last dimension must
+    # be dense; .contiguous() is free where a tensor already is (the staged slots are).
+    k, v = k.contiguous(), v.contiguous()
+    mask = mask.reshape(mask.shape[0], mask.shape[-1])
+    if mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    dummy = k  # passed where a flag is off: never read
     low = pre = cos = sin = up_w = gain_w = dummy
     mode, r, s_cb = 0, 1, 0
     if down is not None:
@@ -114,12 +119,15 @@ def triton_read(
     if out is not None:
         res, out, gate = torch.empty(out.shape, dtype=out.dtype, device=out.device), out.contiguous(), gate.contiguous()
     else:
-        res, out, gate = torch.empty_like(q), dummy, dummy
+        res, out, gate = torch.empty((b, n, t, d), dtype=q.dtype, device=q.device), dummy, dummy
+    if mode != 2 and q.stride(-1) != 1:  # only then does the kernel read q
+        q = q.contiguous()
+    q_strides = (q.stride(0), q.stride(1), q.stride(2)) if mode != 2 else (0, 0, 0)
     launch = LAUNCH
     grid = ((t + launch["block_t"] - 1) // launch["block_t"], b * n)
     _kernel()[grid](
-        out, res, q, pre, low, up_w, gain_w, cos, sin, k, v, mask, gate,
-        t, k.shape[2], n, n // k.shape[1], s_cb, mask.shape[-1] if mask.shape[0] > 1 else 0, float(scaling), float(eps),
+        out, res, q if mode != 2 else dummy, pre, low, up_w, gain_w, cos, sin, k, v, mask, gate, *q_strides,
+        t, k.shape[2], n, n // k.shape[1], s_cb, mask.stride(0) if mask.shape[0] > 1 else 0, float(scaling), float(eps),
         D=d, R=r, RP=max(16, 1 << (r - 1).bit_length()), MODE=mode, NORM=gain_w is not dummy, ROTATE=cos is not dummy,
         HAS_OUT=out is not dummy, UPCAST=interpreting() and q.dtype != torch.float32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
