@@ -6,7 +6,7 @@ torch.profiler table of the kernels the memory's segment runs beyond the bare ba
 segment). What the memory costs a replayed segment (``cuda_graph_segments``) is the GPU time these parts add.
 
     python benchmarks/segment_gpu_parts.py [--model M | --shape benchmarks/gemma3-270m-config.json] [--adapter DIR]
-        [--batch 8] [--tokens 1024] [--repeats 20] [--no-triton-read] [--ops] [--out F]
+        [--batch 8] [--tokens 1024] [--repeats 20] [--no-triton-read] [--no-triton-write] [--ops] [--out F]
 
 ``--shape``: a base of that config with random weights (no checkpoint to stage: the kernels and their times are the
 same as the real model's at the same shapes; what the write selects differs, not what it costs).
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--triton-read", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--triton-write", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ops", action="store_true", help="and tables by operator and shapes of the read, the write "
                     "and the slots' preparation")
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         base = random_base(args.shape, torch.bfloat16, "cuda")
     else:
         base, _ = gma6.load_base(args.model, dtype=torch.bfloat16, device="cuda", progress=False)
-    mm = gma6.load_adapter(base, args.adapter, triton_read=args.triton_read)
+    mm = gma6.load_adapter(base, args.adapter, triton_read=args.triton_read, triton_write=args.triton_write)
     g = torch.Generator().manual_seed(0)
     segments = [torch.randint(3, 1000, (args.batch, args.tokens), generator=g).cuda() for _ in range(4)]
     mask = torch.ones_like(segments[0], dtype=torch.bool)
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "base": args.shape and f"random weights, shape of {args.shape}" or (args.model or "embedded default"),
         "adapter": args.adapter, "batch": args.batch, "tokens": args.tokens, "triton_read": args.triton_read,
+        "triton_write": args.triton_write,
         "gpu_ms": times,
         "memory_over_bare_gpu": round(times["bare"] / times["read_write"], 4),
         "kernels": {"bare": {"calls": round(sum(c for c, _ in bare_k.values()), 1),

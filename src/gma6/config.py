@@ -99,6 +99,10 @@ class GMA6Config:
             attention and the gated add in one pass over the queries instead of a dozen kernels. Within bf16 rounding
             of the eager read; needs the ``triton`` package. Where it cannot run (autograd, another device) the
             read runs eagerly. With ``cuda_graph_read`` the graphs replay the kernel.
+        triton_write: on CUDA, score the segment's tokens and gather the new slots of the tokens write
+            (``write_rule="tokens"``, without autograd) in two Triton kernels (``memory/triton_write.py``) instead of
+            an fp32 copy of every layer's hidden states and a dozen passes over them. The same slots; the scores the
+            same sums in another order. Needs the ``triton`` package; elsewhere the write runs eagerly.
         cuda_graph_segments: on CUDA, replay each full segment of ``read`` (the base's forward with the memory's
             read and write) from one CUDA graph a shape (``segment_graph.py``): one launch instead of ~1600 kernels'
             worth of host work a segment of the 270M. Exact (the same kernels on the same inputs). Needs a base whose
@@ -140,6 +144,7 @@ class GMA6Config:
     gradient_checkpointing: bool = False
     cuda_graph_read: bool = False
     triton_read: bool = False
+    triton_write: bool = False
     cuda_graph_segments: bool = False
     lora_rank: int = 0
     lora_alpha: float | None = None
@@ -225,7 +230,7 @@ class GMA6Config:
             raise ValueError(f"lora_targets={self.lora_targets!r}: expected a non-empty list of module names")
         self.lora_targets = list(self.lora_targets)
         for name in ("offload_to_cpu", "use_half_precision", "use_4bit_quantization", "gradient_checkpointing",
-                     "cuda_graph_read", "triton_read", "cuda_graph_segments"):
+                     "cuda_graph_read", "triton_read", "triton_write", "cuda_graph_segments"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")
 

@@ -140,9 +140,13 @@ class MemoryModel(MemoryWrapper):
                     raise ValueError(f"{name}=True changes how the read inside the base's attention runs: it needs "
                                      "read_rule='base', read_site='attention' and a base whose attention implementation "
                                      "is sdpa, flash or flex (with no logit softcapping)")
-            if self.config.triton_read and not kernel.available():
-                raise ValueError("triton_read=True needs the triton package (pip install triton; it comes with "
-                                 "PyTorch's CUDA builds)")
+            for name in ("triton_read", "triton_write"):
+                if getattr(self.config, name) and not kernel.available():
+                    raise ValueError(f"{name}=True needs the triton package (pip install triton; it comes with "
+                                     "PyTorch's CUDA builds)")
+            if self.config.triton_write and (self.config.write_rule, self.config.read_rule) != ("tokens", "base"):
+                raise ValueError("triton_write=True changes the batched tokens write: it needs write_rule='tokens' and "
+                                 f"read_rule='base', not {self.config.write_rule!r} and {self.config.read_rule!r}")
             if self.config.cuda_graph_read:
                 self._graphed = GraphedReads(kernel.triton_read if self.config.triton_read else rotated_read)
             if self.config.cuda_graph_segments:

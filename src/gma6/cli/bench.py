@@ -56,6 +56,9 @@ def bench(
                                          "CUDA graph; the warm-up passes capture them)."),
     triton_read: bool = typer.Option(
         False, "--triton-read", help="Time the memory with triton_read=True (each layer's read one Triton kernel)."),
+    triton_write: bool = typer.Option(
+        False, "--triton-write", help="Time the memory with triton_write=True (the tokens write's scores and new slots "
+                                      "in two Triton kernels)."),
     cuda_graph_segments: bool = typer.Option(
         False, "--cuda-graph-segments", help="Replay each full segment from a CUDA graph, the memory's "
                                              "(cuda_graph_segments=True) and the bare base's alike."),
@@ -93,7 +96,7 @@ def bench(
             seed=seed,
             memory=dataclasses.replace(_adapter_kind(adapter) if adapter is not None else b.BenchConfig().memory,
                                        cuda_graph_read=cuda_graph_read, triton_read=triton_read,
-                                       cuda_graph_segments=cuda_graph_segments),
+                                       triton_write=triton_write, cuda_graph_segments=cuda_graph_segments),
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e

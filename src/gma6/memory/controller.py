@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import GMA6Config
 from ..state import MemoryState
+from . import triton_write
 from .attention import version_key
 from .layer import EnhancedMemoryLayer
 
@@ -203,41 +204,57 @@ class MemoryController(nn.Module):
         w = self._stacked("tokens")
         mem = state.memory.transpose(0, 1)  # (L, B, S, D)
         stacked = torch.stack(hiddens)  # (L, B, T, H) in the base's dtype
-        h = stacked.to(mem.dtype)
-        if not full:  # what padding holds must not reach the slots
-            h = h.masked_fill(~mask[None, :, :, None], 0.0)
         n_layers, b, s, d = mem.shape
-        t, width = h.shape[2:]
+        t, width = stacked.shape[2:]
         k = min(cfg.tokens_per_segment, t)
-        # score = rms_norm(h) * norm_h @ score_t + b, rearranged so that no normed copy of every token is made:
-        # (h @ (norm_h * score_t)) / rms(h), the rms from the base's-dtype stack in one fp32 reduction
-        # (two passes over the segment's hidden states instead of six)
-        sq = torch.linalg.vector_norm(stacked if full else h, dim=-1, dtype=torch.float32).square()
-        inv_rms = torch.rsqrt(sq / width + self.layers[0].norm_h.eps)
-        score = layer_matmul(h, w["score_v"]).squeeze(-1) * inv_rms.to(h.dtype) + w["score_b"].squeeze(-1)
-        score = score.masked_fill(~mask[None], float("-inf"))
+        eps = self.layers[0].norm_h.eps
+        fused = cfg.triton_write and triton_write.applies(stacked, state.memory)
+        if fused:  # what padding holds is never gathered (its scores are -inf below)
+            h = None
+            score = triton_write.token_scores(stacked, w["score_v"], w["score_b"], eps)
+        else:
+            h = stacked.to(mem.dtype)
+            if not full:  # what padding holds must not reach the slots
+                h = h.masked_fill(~mask[None, :, :, None], 0.0)
+            # score = rms_norm(h) * norm_h @ score_t + b, rearranged so that no normed copy of every token is made:
+            # (h @ (norm_h * score_t)) / rms(h), the rms from the base's-dtype stack in one fp32 reduction
+            # (two passes over the segment's hidden states instead of six)
+            sq = torch.linalg.vector_norm(stacked if full else h, dim=-1, dtype=torch.float32).square()
+            inv_rms = torch.rsqrt(sq / width + eps)
+            score = layer_matmul(h, w["score_v"]).squeeze(-1) * inv_rms.to(h.dtype) + w["score_b"].squeeze(-1)
+        if not full:
+            score = score.masked_fill(~mask[None], float("-inf"))
         top, idx = score.topk(k, dim=-1)
         valid = torch.isfinite(top)
         order = torch.where(valid, idx, t + torch.arange(k, device=idx.device)).argsort(dim=-1)
         idx, top, valid = idx.gather(-1, order), top.gather(-1, order), valid.gather(-1, order)
         g_in = torch.sigmoid(top.masked_fill(~valid, 0.0)) * valid  # (L, B, k)
         n = valid.sum(-1)  # (L, B)
-        entries = h.gather(2, idx[..., None].expand(-1, -1, -1, h.shape[-1]))  # (L, B, k, H)
         usage, age = state.usage.transpose(0, 1), state.age.transpose(0, 1)  # (L, B, S)
-        cand = torch.cat([mem, entries], 2)
         cand_usage = torch.cat([cfg.usage_decay * usage, g_in.to(usage.dtype)], 2)
         cand_age = torch.cat([age + 1, torch.zeros_like(g_in, dtype=age.dtype)], 2)
         if cfg.token_retention == "priority":
             window = cand_usage.detach().topk(s, dim=-1).indices.sort(dim=-1).values
         else:
             window = n[..., None] + torch.arange(s, device=n.device)
-        new = cand.gather(2, window[..., None].expand(-1, -1, -1, d))
         new_usage, new_age = cand_usage.gather(2, window), cand_age.gather(2, window)
-        keep = (n > 0)[..., None]  # (L, B, 1): a sample with no real token keeps everything
-        new = torch.where(keep[..., None], new, mem)
-        new_usage, new_age = torch.where(keep, new_usage, usage), torch.where(keep, new_age, age)
+        if not full:  # a sample with no real token keeps everything (full: every sample has k)
+            keep = (n > 0)[..., None]  # (L, B, 1)
+            new_usage, new_age = torch.where(keep, new_usage, usage), torch.where(keep, new_age, age)
+        if fused:
+            if not full:
+                window = torch.where(keep, window, torch.arange(s, device=window.device))
+                idx = idx.masked_fill(~valid, -1)  # no token: a zero slot, as the eager write's masked copy
+            new = triton_write.write_rows(state.memory, stacked, window, idx)
+        else:
+            entries = h.gather(2, idx[..., None].expand(-1, -1, -1, h.shape[-1]))  # (L, B, k, H)
+            cand = torch.cat([mem, entries], 2)
+            new = cand.gather(2, window[..., None].expand(-1, -1, -1, d))
+            if not full:
+                new = torch.where(keep[..., None], new, mem)
+            new = new.transpose(0, 1)
         return MemoryState(
-            memory=new.transpose(0, 1).contiguous(), usage=new_usage.transpose(0, 1).contiguous(),
+            memory=new.contiguous(), usage=new_usage.transpose(0, 1).contiguous(),
             age=new_age.transpose(0, 1).contiguous(),
             tokens_read=state.tokens_read + (mask.shape[1] if full else mask.sum(1)),
             segments_read=state.segments_read + 1,

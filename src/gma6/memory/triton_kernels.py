@@ -113,3 +113,50 @@ def read_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
         m_i = m_new
     store_read(acc / l_i[:, None], dd, out_ptr, res_ptr, gate_ptr, b, h, t, rows, T, n_heads, D, HAS_OUT)
+
+
+@triton.jit
+def token_scores_kernel(h_ptr, w_ptr, b_ptr, out_ptr, ROWS, H, eps, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    # h (L, ROWS, H) any float dtype, w (L, H) and b (L,) fp32 -> out (L, ROWS) fp32: (h . w) / rms(h) + b, one pass
+    layer = tl.program_id(1)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    live = r < ROWS
+    dot = tl.zeros((BLOCK_R,), tl.float32)
+    sq = tl.zeros((BLOCK_R,), tl.float32)
+    for c0 in range(0, H, BLOCK_H):
+        c = c0 + tl.arange(0, BLOCK_H)
+        x = tl.load(h_ptr + (layer * ROWS + r[:, None]) * H + c[None, :], mask=live[:, None] & (c[None, :] < H),
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + layer * H + c, mask=c < H, other=0.0)
+        dot += tl.sum(x * w[None, :], axis=1)
+        sq += tl.sum(x * x, axis=1)
+    score = dot / tl.sqrt(sq / H + eps) + tl.load(b_ptr + layer)
+    tl.store(out_ptr + layer * ROWS + r, score, mask=live)
+
+
+@triton.jit
+def write_rows_kernel(mem_ptr, h_ptr, window_ptr, token_ptr, new_ptr, m_sb, m_sl, m_ss, B, L, S, T, K, D,
+                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # new (B, L, S, D) row (b, l, j) = mem[b, l, w] if w < S else h[l, b, token[l, b, w - S]] (zeros where that
+    # token is -1), w = window[l, b, j]: the slots kept and the tokens written, gathered in one pass
+    g = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows in (b, l, j) order
+    live = g < B * L * S
+    j = g % S
+    lb = g // S
+    l_ = lb % L
+    b = lb // L
+    w = tl.load(window_ptr + (l_ * B + b) * S + j, mask=live, other=0)
+    from_mem = w < S
+    e = tl.where(from_mem, 0, w - S)
+    token = tl.load(token_ptr + (l_ * B + b) * K + e, mask=live & ~from_mem, other=-1)
+    mem_row = b.to(tl.int64) * m_sb + l_ * m_sl + w * m_ss
+    h_row = ((l_ * B + b).to(tl.int64) * T + token) * D
+    take_h = live & ~from_mem & (token >= 0)
+    for c0 in range(0, D, BLOCK_D):
+        c = c0 + tl.arange(0, BLOCK_D)
+        cols = c[None, :] < D
+        x = tl.load(mem_ptr + mem_row[:, None] + c[None, :], mask=(live & from_mem)[:, None] & cols, other=0.0)
+        y = tl.load(h_ptr + h_row[:, None] + c[None, :], mask=take_h[:, None] & cols, other=0.0)
+        val = tl.where(from_mem[:, None], x.to(tl.float32), y.to(tl.float32))
+        tl.store(new_ptr + g.to(tl.int64)[:, None] * D + c[None, :], val.to(new_ptr.dtype.element_ty),
+                 mask=live[:, None] & cols)
