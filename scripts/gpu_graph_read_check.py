@@ -38,7 +38,7 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
     """One memory layer's read and gated add, the default's kind at the 270M's shape (4 query heads of 256, 128
     slots + a sink, a rank-8 query adapter before the q-norm), eager (rotated_read + add_read_heads) against
     triton_read: GPU microseconds a call (20 calls replayed from a CUDA graph, so no host time) and host
-    microseconds a call (issuing 50 calls). With ``sweep``, the kernel's GPU time under each launch setting."""
+    microseconds a call (issuing 50 calls). With ``sweep``, the kernel's GPU time under each launch setting (the sink folded in, as the model calls it)."""
     import itertools
 
     from gma6.memory import triton_read as kernel
@@ -50,13 +50,14 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
     ang = torch.rand(tokens, d // 2, generator=g, device="cuda") * 6
     tables = (torch.cat([ang.cos(), ang.cos()], -1)[None, None].bfloat16(),
               torch.cat([-ang.sin(), ang.sin()], -1)[None, None].bfloat16())
-    q, k, v = r(batch, n, tokens, d), r(batch, n, s1, d), r(batch, n, s1, d)
+    q, k, v = r(batch, n, tokens, d), r(batch, 1, s1, d), r(batch, 1, s1, d)  # the 270M's one key-value head
+    k[:, :, -1], v[:, :, -1] = 0, 0  # the sink, as prepare_slots appends it
     mask = torch.zeros(batch, 1, 1, s1, device="cuda").bfloat16()
     kw = dict(view=r(batch, tokens, h), down=r(rank, h) / 25, up=r(n * d, rank) / 3, tables=tables,
               q_pre=r(batch, tokens, n * d), gain=1 + torch.rand(d, device="cuda"), eps=1e-6)
     out, gate = r(batch, tokens, n, d), torch.tanh(r(n * d))
     calls = {"eager": lambda: add_read_heads(out, rotated_read(q, k, v, mask, 0.0625, **kw), gate),
-             "triton": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate)}
+             "triton": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate, zero_sink=True)}
 
     def gpu_us(fn) -> float:
         for _ in range(3):
@@ -91,7 +92,7 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
             result[name] = {"gpu_us": gpu_us(fn), "host_us": host_us(fn)}
         if sweep:
             chosen, rows = dict(kernel.LAUNCH), []
-            for bt, bs, w, st in itertools.product((16, 32, 64), (32, 64), (4, 8), (1, 2, 3)):
+            for bt, bs, w, st in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2, 3)):
                 kernel.LAUNCH.update(block_t=bt, block_s=bs, num_warps=w, num_stages=st)
                 try:
                     rows.append({**kernel.LAUNCH, "gpu_us": gpu_us(calls["triton"]), **_registers(kernel)})
@@ -103,7 +104,8 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
             # where the kernel's time goes: its parts switched off one at a time, and a copy of the attention's
             # output (what any read must at least move) for scale
             parts = {
-                "full": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate),
+                "full": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate, zero_sink=True),
+                "sink_read": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate),
                 "no_add": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw),
                 "base_query": lambda: kernel.triton_read(q, k, v, mask, 0.0625, out=out, gate=gate),
                 "after_norm": lambda: kernel.triton_read(q, k, v, mask, 0.0625, out=out, gate=gate,

@@ -49,11 +49,13 @@ def _read_args(dtype, kind, heads=4, groups=2, batch=2, tokens=37, d=64, slots=7
 
 
 @pytest.mark.parametrize("kind", ["base_query", "after_norm", "before_norm"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_equals_the_eager_read(interpreted, kind, dtype):
-    """Every query kind (the base's, an adapter's change after its q-norm, before it), grouped slot heads, masked
-    slots, tokens and slots that do not fill a block: the read alone and added to the attention's output."""
-    q, k, v, mask, kw, out, gate = _read_args(dtype, kind)
+@pytest.mark.parametrize("dtype,heads,groups", [(torch.float32, 4, 2), (torch.bfloat16, 4, 2), (torch.float32, 6, 2),
+                                                (torch.float32, 4, 4), (torch.float32, 4, 1)])
+def test_the_kernel_equals_the_eager_read(interpreted, kind, dtype, heads, groups):
+    """Every query kind (the base's, an adapter's change after its q-norm, before it), query groups of 2, 3 (not a
+    power of two: rows masked), 1 and 4 heads, masked slots, tokens and slots that do not fill a block: the read
+    alone and added to the attention's output."""
+    q, k, v, mask, kw, out, gate = _read_args(dtype, kind, heads=heads, groups=groups)
     groups = q.shape[1] // k.shape[1]
     want = rotated_read(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask, 0.1, **kw)
     got = kernel.triton_read(q, k, v, mask, 0.1, **kw)
@@ -82,6 +84,22 @@ def test_the_kernel_reads_strided_queries_and_masks_in_place(interpreted, kind):
     want = kernel.triton_read(q, k, v, mask, 0.1, **kw, out=out, gate=gate)
     got = kernel.triton_read(q_view, k, v, mask_view, 0.1, **kw, out=out, gate=gate)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sink", [0.7, -float("inf")])
+def test_a_zero_sink_folded_into_the_softmax_reads_as_a_slot(interpreted, sink):
+    """``zero_sink``: the last slot (zero key and value, its bias the sink's logit, even -inf) left out of the loop and
+    started the softmax's sums with; the slots before it fill two blocks exactly."""
+    q, k, v, mask, kw, out, gate = _read_args(torch.float32, "before_norm", slots=65)
+    k[:, :, -1], v[:, :, -1], mask[..., -1] = 0.0, 0.0, sink
+    groups = q.shape[1] // k.shape[1]
+    want = rotated_read(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask, 0.1, **kw)
+    kernel.LAUNCH["block_s"], chosen = 32, kernel.LAUNCH["block_s"]
+    try:
+        got = kernel.triton_read(q, k, v, mask, 0.1, **kw, zero_sink=True)
+    finally:
+        kernel.LAUNCH["block_s"] = chosen
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
 def test_what_the_kernel_refuses(compiled_only):

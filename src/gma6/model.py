@@ -294,7 +294,8 @@ class MemoryModel(MemoryWrapper):
                 return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
                                                         gain, eps), gate)
             if fits:
-                return kernel.triton_read(*args, out=out, gate=gate, checked=True)
+                # the slots come from prepare_slots / StackedSlots: their last is the zero sink
+                return kernel.triton_read(*args, out=out, gate=gate, checked=True, zero_sink=True)
             return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
 
         return site

@@ -41,7 +41,7 @@ def read_kernel(
     q_sb, q_sn, q_st, T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
     D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
     ROTATE: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+    ZERO_SINK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     # Layouts (contiguous unless strides are given): q (B, n, T, D) with strides q_sb, q_sn, q_st (its last dense;
     # read in modes 0 and 1 only); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin (B or 1, T, D); k, v
@@ -94,14 +94,25 @@ def read_kernel(
     if UPCAST:  # the interpreter's dot is wrong for 16-bit operands
         q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
     kv = (b * (n_heads // group) + h // group) * S1
-    m_i = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # finite: a step whose slots are all masked adds nothing
-    l_i = tl.zeros((BLOCK_T,), tl.float32)
+    if ZERO_SINK:
+        # The last slot is the sink, a zero key and value: its score is its bias alone and it adds nothing to the
+        # read, only to the softmax's sum, so it starts the sums instead of taking a step of its own (128 slots +
+        # the sink were three steps of 64, the last with one live slot).
+        sink = tl.load(mask_ptr + b * s_mb + S1 - 1).to(tl.float32)
+        m0 = tl.maximum(sink, -1.0e30)
+        m_i = tl.zeros((BLOCK_T,), tl.float32) + m0
+        l_i = tl.zeros((BLOCK_T,), tl.float32) + tl.exp(sink - m0)
+        s_end = S1 - 1
+    else:
+        m_i = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # finite: a step whose slots are all masked adds nothing
+        l_i = tl.zeros((BLOCK_T,), tl.float32)
+        s_end = S1
     # one pass with an online softmax, the whole (BLOCK_T, D) accumulator held (a two-pass variant holding a half or a
     # quarter of it, the softmax's sums first, was slower on the H200: results/session17/kernel/)
     dd = tl.arange(0, D)
     acc = tl.zeros((BLOCK_T, D), tl.float32)
-    for s0 in range(0, S1, BLOCK_S):
-        scores, s, live = slot_scores(q1, q2, k_ptr, mask_ptr, kv, b * s_mb, s0, S1, scaling, D, BLOCK_S, UPCAST,
+    for s0 in range(0, s_end, BLOCK_S):
+        scores, s, live = slot_scores(q1, q2, k_ptr, mask_ptr, kv, b * s_mb, s0, s_end, scaling, D, BLOCK_S, UPCAST,
                                       PRECISION)
         vv = tl.load(v_ptr + (kv + s[:, None]) * D + dd[None, :], mask=live[:, None], other=0.0)
         if UPCAST:

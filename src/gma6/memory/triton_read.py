@@ -22,7 +22,9 @@ import torch.nn.functional as F
 
 # How the kernel (``triton_kernels.read_kernel``) is launched: tokens a program takes, slots a step of its online
 # softmax takes, warps and pipeline stages. Chosen on an H200 among the settings `scripts/gpu_graph_read_check.py
-# --sweep` times (bf16, 8 x 1024 tokens, 4 heads of 256, 129 slots).
+# --sweep` times (bf16, 8 x 1024 tokens, 4 heads of 256 over one key-value head, 128 slots + the sink folded in; a
+# variant taking all four heads of a token block at once, the slots loaded once for them, was slower: 68 against 61 us,
+# results/session18/kernel/).
 LAUNCH = {"block_t": 32, "block_s": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -84,11 +86,13 @@ def triton_read(
     tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
     gain: torch.Tensor | None = None, eps: float = 0.0, norm: object | None = None,
     out: torch.Tensor | None = None, gate: torch.Tensor | None = None, checked: bool = False,
+    zero_sink: bool = False,
 ) -> torch.Tensor:
     """``rotated_read`` (same arguments) in one kernel: the read (B, n, T, d); with ``out`` (B, T, n, d) and ``gate``
     (n*d,), ``add_read_heads(out, read, gate)`` instead. A read ``unsupported`` names raises ``ValueError``;
     ``checked``: the caller asked ``unsupported`` already (the read's hook, once a layer and segment: host time is
-    what a launch-bound GPU waits on)."""
+    what a launch-bound GPU waits on). ``zero_sink``: the caller vouches that the last slot's key and value are
+    zeros (the sink ``prepare_slots`` appends), which the kernel then folds into its softmax instead of reading."""
     if not checked:
         why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm)
         if why is not None:
@@ -130,7 +134,7 @@ def triton_read(
         t, k.shape[2], n, n // k.shape[1], s_cb, mask.stride(0) if mask.shape[0] > 1 else 0, float(scaling), float(eps),
         D=d, R=r, RP=max(16, 1 << (r - 1).bit_length()), MODE=mode, NORM=gain_w is not dummy, ROTATE=cos is not dummy,
         HAS_OUT=out is not dummy, UPCAST=interpreting() and q.dtype != torch.float32,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ZERO_SINK=zero_sink,
         BLOCK_T=launch["block_t"], BLOCK_S=launch["block_s"], num_warps=launch["num_warps"],
         num_stages=launch["num_stages"],
     )
