@@ -124,12 +124,15 @@ def test_a_read_takes_the_weights_key_once():
     """read() promises its weights do not change, so a segment graph's key is taken once a read (not at each of its
     segments); outside a read the key follows every change."""
     mm = _model(cuda_graph_segments=True)
+    graph = mm._segment_graph
     with torch.no_grad():
         before = mm._weights_key()
         with mm._reading():
-            inside = mm._weights_key()
-            assert inside == before and mm._fixed_weights is inside
-        assert mm._fixed_weights is None
+            assert graph._fixed == before
+            with graph.weights_fixed():  # nested: the same key, the outer one kept after
+                assert graph._fixed == before
+            assert graph._fixed == before
+        assert graph._fixed is None
         next(mm.controller.parameters()).add_(1.0)
         assert mm._weights_key() != before
     entered, reading = [], mm._reading

@@ -9,7 +9,7 @@ import inspect
 import os
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -20,7 +20,7 @@ from torch import nn
 from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
-from .memory.attention import read_dtype, version_key
+from .memory.attention import derived, read_dtype, version_key
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory import triton_read as kernel
 from .memory.graphed import GraphedReads
@@ -98,7 +98,7 @@ class MemoryModel(MemoryWrapper):
         # GMA6Config.cuda_graph_segments: read()'s full segments replayed from one CUDA graph a shape; the weights'
         # key taken once for a whole read (_reading) instead of at every segment
         self._segment_graph: GraphedCall | None = None
-        self._fixed_weights: tuple | None = None
+        self._site_cache: dict[str, tuple] = {}  # the reads' stacked gates and sinks (``derived``)
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -452,18 +452,12 @@ class MemoryModel(MemoryWrapper):
         """Inside: no parameter changes (``read`` enters it: nothing trains within one read), so replayed segments
         (``cuda_graph_segments``) take the weights' versions once, not at every segment (a few hundred tensors: host
         time a segment)."""
-        previous = self._fixed_weights
-        with torch.no_grad():
-            self._fixed_weights = version_key(list(self.parameters()))
-        try:
+        graph = self._segment_graph
+        with torch.no_grad(), graph.weights_fixed() if graph is not None else nullcontext():
             yield
-        finally:
-            self._fixed_weights = previous
 
     def _weights_key(self) -> tuple | None:
-        """What a segment graph was recorded with: the parameters' versions (None: inference tensors, no replay)."""
-        if self._fixed_weights is not None:
-            return self._fixed_weights
+        """What a segment graph is recorded with: the parameters' versions (None: inference tensors, no replay)."""
         return version_key(list(self.parameters()))
 
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
@@ -570,10 +564,13 @@ class MemoryModel(MemoryWrapper):
         layers = self.controller.layers
         dtype = self._hidden_dtype()
         # cast once here, not at each layer's add (the read adds in the base's dtype)
-        call.site_gates = list(torch.tanh(torch.stack([m.base_gate for m in layers])).to(dtype).unbind(0))
+        gates, sinks = derived(self._site_cache, f"gates_sinks_{dtype}", [p for m in layers for p in (m.base_gate, m.sink)],
+                               lambda: (list(torch.tanh(torch.stack([m.base_gate for m in layers])).to(dtype).unbind(0)),
+                                        torch.stack([m.sink for m in layers])))
+        call.site_gates = gates
         adapters = layers[0].read_k is not None
         call.site_slots = self._stacked.prepare(
-            call.memory, call.log_usage, torch.stack([m.sink for m in layers]), dtype,
+            call.memory, call.log_usage, sinks, dtype,
             [m.read_k for m in layers] if adapters else None, [m.read_v for m in layers] if adapters else None,
             call.rope, rotated=self._sites is not None, stage=None if self._graphed is None else self._graphed.stage,
             repeat=not self.config.triton_read)

@@ -11,7 +11,8 @@ floor for a replayed memory: a replayed memory against an eagerly run base would
 """
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
@@ -36,6 +37,18 @@ class GraphedCall:
         self._weights_key = weights_key
         self._graphs: dict[tuple, tuple] = {}  # shapes -> (weights key, graph, inputs, outputs)
         self._pool = None
+        self._fixed: tuple | None = None
+
+    @contextmanager
+    def weights_fixed(self) -> Iterator[None]:
+        """Inside, the weights' key is taken once, at entry (nothing may change the weights within): host time a
+        call saves, as ``MemoryModel.read`` takes its own once a read."""
+        previous = self._fixed
+        self._fixed = self._weights_key() if self._weights_key is not None else ()
+        try:
+            yield
+        finally:
+            self._fixed = previous
 
     @staticmethod
     def usable(*args: torch.Tensor) -> bool:
@@ -45,7 +58,10 @@ class GraphedCall:
                 and not torch.cuda.is_current_stream_capturing())
 
     def __call__(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        weights = self._weights_key() if self._weights_key is not None else ()
+        if self._fixed is not None:
+            weights = self._fixed
+        else:
+            weights = self._weights_key() if self._weights_key is not None else ()
         if weights is None:
             return tuple(self._fn(*args))
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)

@@ -6,6 +6,8 @@ n heads, d = D / n.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,22 @@ def version_key(params: list[torch.Tensor]) -> tuple | None:
     if torch.is_grad_enabled() or any(p.is_inference() for p in params):
         return None
     return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
+
+
+def derived(cache: dict, name: str, params: list[torch.Tensor], make: Callable[[], Any]) -> Any:
+    """``make()`` (tensors derived from ``params``: stacks, casts), kept in ``cache`` under ``name`` until one of
+    ``params`` changes (``version_key``); made afresh wherever no key applies (autograd, inference tensors). Why:
+    each stack or cast is a kernel a segment, which a launch-bound GPU, or a replayed one, pays for."""
+    key = version_key(params)
+    got = cache.get(name)
+    if key is not None and got is not None and got[0] == key:
+        return got[1]
+    value = make()
+    if key is not None:
+        cache[name] = (key, value)
+    else:
+        cache.pop(name, None)
+    return value
 
 
 def read_dtype(h_dtype: torch.dtype, param_dtype: torch.dtype, return_stats: bool = False) -> torch.dtype:

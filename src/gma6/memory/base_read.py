@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..integration import norm_eps, rms_gain
+from .attention import derived
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -473,6 +474,7 @@ class StackedSlots:
     def __init__(self, reads: list[BaseAttentionRead]) -> None:
         self.reads = reads
         self._cache: dict[tuple, dict[str, torch.Tensor | None]] = {}
+        self._adapter_cache: dict[str, tuple] = {}  # the slot adapters' stacked weights (``derived``)
 
     def applies(self) -> bool:
         r0 = self.reads[0]
@@ -524,11 +526,13 @@ class StackedSlots:
         if k_adapters is not None or v_adapters is not None:
             # both adapters' down projections in one matmul, from one cast of the slots (the adapters' dtype)
             pairs = [(name, a) for name, a in (("k", k_adapters), ("v", v_adapters)) if a is not None]
-            down = torch.cat([torch.stack([m.down.weight for m in a]) for _, a in pairs], 1).transpose(1, 2)
+            mods = [m for _, a in pairs for m in a]
+            down, ups = derived(self._adapter_cache, "adapters", [p for m in mods for p in m.parameters()], lambda: (
+                torch.cat([torch.stack([m.down.weight for m in a]) for _, a in pairs], 1).transpose(1, 2),
+                [torch.stack([m.up.weight for m in a]).transpose(1, 2) for _, a in pairs]))  # (L, H, r), (L, r, H)
             low = x.to(down.dtype) @ down  # (L, B*S, r_k + r_v)
             start = 0
-            for name, a in pairs:
-                up = torch.stack([m.up.weight for m in a]).transpose(1, 2)  # (L, r, H)
+            for (name, a), up in zip(pairs, ups):
                 adapted = x + (low[..., start: start + up.shape[1]] @ up).to(dtype)
                 start += up.shape[1]
                 if name == "k":
