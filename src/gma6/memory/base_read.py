@@ -531,14 +531,11 @@ class StackedSlots:
                 torch.cat([torch.stack([m.down.weight for m in a]) for _, a in pairs], 1).transpose(1, 2),
                 [torch.stack([m.up.weight for m in a]).transpose(1, 2) for _, a in pairs]))  # (L, H, r), (L, r, H)
             low = x.to(down.dtype) @ down  # (L, B*S, r_k + r_v)
-            start = 0
-            for (name, a), up in zip(pairs, ups):
-                adapted = x + (low[..., start: start + up.shape[1]] @ up).to(dtype)
+            adapted, start = {}, 0
+            for (name, _), up in zip(pairs, ups):
+                adapted[name] = x + (low[..., start: start + up.shape[1]] @ up).to(dtype)
                 start += up.shape[1]
-                if name == "k":
-                    xk = adapted
-                else:
-                    xv = adapted
+            xk, xv = adapted.get("k", x), adapted.get("v", x)
         k = xk @ w["wk"]
         v = xv @ w["wv"]
         if w["bk"] is not None:

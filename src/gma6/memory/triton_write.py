@@ -46,7 +46,7 @@ def token_scores(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps:
     weight = weight.reshape(n_layers, width).float().contiguous()
     bias = bias.reshape(n_layers).float().contiguous()
     out = torch.empty((n_layers, b, t), dtype=torch.float32, device=h.device)
-    grid = (triton_cdiv(b * t, BLOCK_ROWS), n_layers)
+    grid = (_cdiv(b * t, BLOCK_ROWS), n_layers)
     _kernels()[0][grid](h, weight, bias, out, b * t, width, float(eps), BLOCK_R=BLOCK_ROWS, BLOCK_H=BLOCK_WIDTH)
     return out
 
@@ -61,11 +61,11 @@ def write_rows(memory: torch.Tensor, h: torch.Tensor, window: torch.Tensor, toke
         memory = memory.contiguous()
     h, window, tokens = h.contiguous(), window.contiguous(), tokens.contiguous()
     new = torch.empty((b, n_layers, s, d), dtype=memory.dtype, device=memory.device)
-    grid = (triton_cdiv(b * n_layers * s, BLOCK_ROWS),)
+    grid = (_cdiv(b * n_layers * s, BLOCK_ROWS),)
     _kernels()[1][grid](memory, h, window, tokens, new, memory.stride(0), memory.stride(1), memory.stride(2),
                         b, n_layers, s, t, tokens.shape[-1], d, BLOCK_R=BLOCK_ROWS, BLOCK_D=BLOCK_WIDTH)
     return new
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
