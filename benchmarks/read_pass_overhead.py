@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Fixed and per-segment cost of a whole read on a GPU, both systems replayed from CUDA graphs: the memory's
+``read()`` and the bench's bare-base pass over 1, 2, 4 and 8 segments (alternating, synced around each pass), a
+line fitted to each system's median pass times. The fixed part is what a short read pays beyond its segments
+(input checks, the state, the weights' key, the GPU idle until the first replay); ``host_ms``: time until the call
+returns, before the sync.
+
+    python benchmarks/read_pass_overhead.py [--model M | --shape benchmarks/gemma3-270m-config.json] [--adapter DIR]
+        [--batch 8] [--tokens 1024] [--repeats 7] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+
+import gma6
+from gma6.base import default_adapter
+from gma6.bench import _graphed_base, _runner
+from gma6.io import atomic_write_text
+from segment_gpu_parts import random_base
+
+
+def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - slope * mx, slope
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--shape", default=None)
+    ap.add_argument("--adapter", default=str(default_adapter()))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("read_pass_overhead.py replays CUDA graphs: it needs a CUDA device")
+    base = (random_base(args.shape, torch.bfloat16, "cuda") if args.shape else
+            gma6.load_base(args.model, dtype=torch.bfloat16, device="cuda", progress=False)[0])
+    mm = gma6.load_adapter(base, args.adapter, cuda_graph_segments=True, triton_read=True, triton_write=True)
+    graph = _graphed_base(mm)
+    counts = (1, 2, 4, 8)
+    g = torch.Generator().manual_seed(0)
+    ids = {n: torch.randint(3, 1000, (args.batch, n * args.tokens), generator=g).cuda() for n in counts}
+    runs = {(s, n): _runner(s, mm, ids[n], args.tokens, graph) for s in ("base_segments", "memory") for n in counts}
+    wall: dict = {k: [] for k in runs}
+    host: dict = {k: [] for k in runs}
+    for fn in runs.values():  # captures and warm-up
+        fn()
+        fn()
+    for r in range(args.repeats):
+        for key in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runs[key]()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            host[key].append(t1 - t0)
+            wall[key].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in wall.items()}
+    result = {
+        "command": "python " + shlex.join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "batch": args.batch, "tokens": args.tokens,
+        "wall_ms": {f"{s}/{n}": round(v, 3) for (s, n), v in med.items()},
+        "host_ms": {f"{s}/{n}": round(statistics.median(v) * 1e3, 3) for (s, n), v in host.items()},
+    }
+    for s in ("base_segments", "memory"):
+        fixed, per = fit(list(counts), [med[(s, n)] for n in counts])
+        result[s] = {"fixed_ms": round(fixed, 3), "per_segment_ms": round(per, 3)}
+    result["ratio_by_segments"] = {n: round(med[("base_segments", n)] / med[("memory", n)], 4) for n in counts}
+    print(json.dumps({k: result[k] for k in ("base_segments", "memory", "ratio_by_segments", "host_ms")}))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
