@@ -6,7 +6,7 @@ line fitted to each system's median pass times. The fixed part is what a short r
 returns, before the sync.
 
     python benchmarks/read_pass_overhead.py [--model M | --shape benchmarks/gemma3-270m-config.json] [--adapter DIR]
-        [--batch 8] [--tokens 1024] [--repeats 7] [--out F]
+        [--batch 8] [--tokens 1024] [--repeats 7] [--trace] [--out F]
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--trace", action="store_true", help="and what each system runs before its first replay")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -79,6 +80,31 @@ def main(argv: list[str] | None = None) -> dict:
         fixed, per = fit(list(counts), [med[(s, n)] for n in counts])
         result[s] = {"fixed_ms": round(fixed, 3), "per_segment_ms": round(per, 3)}
     result["ratio_by_segments"] = {n: round(med[("base_segments", n)] / med[("memory", n)], 4) for n in counts}
+    if args.trace:  # one 1-segment pass of each under the profiler: what runs before the first replay
+        from torch.profiler import ProfilerActivity, profile
+
+        result["before_first_replay"] = {}
+        for s in ("base_segments", "memory"):
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                runs[(s, 1)]()
+                torch.cuda.synchronize()
+            events = sorted(prof.events(), key=lambda e: e.time_range.start)
+            start = events[0].time_range.start
+            launch = next((e.time_range.start for e in events if e.name == "cudaGraphLaunch"),
+                          next((e.time_range.start for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                               None))
+            ops: dict = {}
+            for e in events:
+                if launch is not None and e.time_range.start < launch and e.device_type != torch.autograd.DeviceType.CUDA:
+                    row = ops.setdefault(e.name, [0, 0.0])
+                    row[0] += 1
+                    row[1] += e.cpu_time_total / 1e3 if hasattr(e, "cpu_time_total") else 0.0
+            top = sorted(ops.items(), key=lambda kv: -kv[1][1])[:15]
+            result["before_first_replay"][s] = {
+                "graph_launch_ms": None if launch is None else round((launch - start) / 1e3, 3),
+                "ops": {k: {"calls": c, "cpu_ms": round(ms, 3)} for k, (c, ms) in top}}
+        print(json.dumps(result["before_first_replay"]))
     print(json.dumps({k: result[k] for k in ("base_segments", "memory", "ratio_by_segments", "host_ms")}))
     if args.out:
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
