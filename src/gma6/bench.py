@@ -37,11 +37,11 @@ writable, RSS is sampled every millisecond instead (``peak_memory_method`` says 
 from __future__ import annotations
 
 import ctypes
+import contextlib
 import datetime as _dt
 import gc
 import json
 import math
-import contextlib
 import os
 import platform
 import re

@@ -99,9 +99,9 @@ def triton_read(
             raise ValueError(f"triton_read cannot take this read: {why}")
     b, n, t, d = q.shape
     # Read in place through their strides: the base's queries (B, n, T, d) are a transposed view of its projection
-    # and each layer's slot mask a view into every layer's padded rows; copies of them cost the GPU ~25 us a layer
-    # (the queries, which the adapter's kind before the q-norm never reads) a segment. Only the last dimension must
-    # be dense; .contiguous() is free where a tensor already is (the staged slots are).
+    # and each layer's slot mask a view into every layer's padded rows. Copying the queries cost the GPU ~25 us a
+    # layer and segment, and the kind before the q-norm never even reads them. Only the last dimension must be
+    # dense; .contiguous() is free where a tensor already is (the staged slots are).
     k, v = k.contiguous(), v.contiguous()
     mask = mask.reshape(mask.shape[0], mask.shape[-1])
     if mask.stride(-1) != 1:
