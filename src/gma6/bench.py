@@ -36,8 +36,8 @@ writable, RSS is sampled every millisecond instead (``peak_memory_method`` says 
 
 from __future__ import annotations
 
-import ctypes
 import contextlib
+import ctypes
 import datetime as _dt
 import gc
 import json
