@@ -12,13 +12,37 @@ floor for a replayed memory: a replayed memory against an eagerly run base would
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 # Graphs kept (each holds its own inputs and, shared with the others, a memory pool): a read meets at most two
 # shapes (its full segments and the last); beyond, all are dropped and captured anew.
 _MAX_GRAPHS = 4
+
+
+class CaptureError(RuntimeError):
+    """The recording itself failed (a host sync, a tensor's value read on the host): ``capture``'s warm-up ran."""
+
+
+def capture(run: Callable[[], Any], device: torch.device, pool: Any = None, warmups: int = 1) -> tuple[Any, Any]:
+    """``run()`` recorded into a CUDA graph sharing ``pool`` (graphs replayed one after another can), after ``warmups``
+    calls on a side stream: lazy initialisations, caches and kernel compiles happen outside the capture. Returns the
+    graph and what the recorded call returned (in the graph's memory: the next replay overwrites it). A failure
+    while recording raises ``CaptureError`` (its message the original's)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = run()
+    except RuntimeError as e:
+        raise CaptureError(str(e)) from e
+    return graph, out
 
 
 class GraphedCall:
@@ -79,18 +103,9 @@ class GraphedCall:
 
     def _capture(self, args: tuple[torch.Tensor, ...]):
         inputs = tuple(a.clone() for a in args)
-        device = inputs[0].device
-        side = torch.cuda.Stream(device=device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisations, caches, kernel compiles
-            for _ in range(2):
-                self._fn(*inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                outputs = tuple(self._fn(*inputs))
-        except RuntimeError as e:
+            graph, outputs = capture(lambda: tuple(self._fn(*inputs)), inputs[0].device, self._pool, warmups=2)
+        except CaptureError as e:
             raise RuntimeError(
                 f"gma6: a CUDA graph of the segment could not be captured ({e}): the forward does something a graph "
                 "cannot record (a host sync, a tensor's value read on the host); run without cuda_graph_segments"

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..segment_graph import capture
 from .base_read import rotated_read
 
 # Captured graphs kept (each holds its buffers, ~40 MB at 8 x 1024 tokens in bf16, and keeps the adapter weights it
@@ -93,13 +94,6 @@ class GraphedReads:
             return self._fn(buffers.get("q", q), k, v, mask, scaling, buffers.get("view"), down, up, tables,
                             buffers.get("q_pre"), gain, eps)
 
-        side = torch.cuda.Stream(device=q.device)
-        side.wait_stream(torch.cuda.current_stream(q.device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (lazy initialisations, autotuning)
-            run()
-        torch.cuda.current_stream(q.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = run()
+        graph, out = capture(run, q.device, self._pool)
         self._pool = graph.pool()  # the layers' graphs replay one after another: they can share one pool
         return graph, buffers, out
