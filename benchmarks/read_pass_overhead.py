@@ -6,7 +6,11 @@ line fitted to each system's median pass times. The fixed part is what a short r
 returns, before the sync.
 
     python benchmarks/read_pass_overhead.py [--model M | --shape benchmarks/gemma3-270m-config.json] [--adapter DIR]
-        [--batch 8] [--tokens 1024] [--repeats 7] [--trace] [--out F]
+        [--batch 8] [--tokens 1024] [--repeats 7] [--trace] [--timeline] [--out F]
+
+``--timeline``: a 4-segment pass of each system cut into its GPU intervals by CUDA events recorded around every
+graph replay (no profiler): the GPU idle before the first replay, each replay, the gaps between replays and the
+tail after the last one; with the host's time until its first replay.
 """
 from __future__ import annotations
 
@@ -33,6 +37,47 @@ def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def timeline(runs: dict, repeats: int, segments: int = 4) -> dict:
+    """Median GPU milliseconds of each interval of a ``segments``-segment pass (see the module), per system."""
+    real_replay = torch.cuda.CUDAGraph.replay
+    marks: list = []
+
+    def replay(graph: torch.cuda.CUDAGraph) -> None:
+        before = torch.cuda.Event(enable_timing=True)
+        before.record()
+        real_replay(graph)
+        after = torch.cuda.Event(enable_timing=True)
+        after.record()
+        marks.append((before, after, time.perf_counter()))
+
+    samples: dict = {s: [] for s in ("base_segments", "memory")}
+    torch.cuda.CUDAGraph.replay = replay
+    try:
+        for r in range(repeats):
+            for s in (list(samples) if r % 2 == 0 else list(samples)[::-1]):
+                marks.clear()
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                h0 = time.perf_counter()
+                start.record()
+                runs[(s, segments)]()
+                end.record()
+                torch.cuda.synchronize()
+                if len(marks) != segments:
+                    raise RuntimeError(f"{s}: {len(marks)} replays for {segments} segments")
+                samples[s].append({
+                    "total": start.elapsed_time(end),
+                    "before_first_replay": start.elapsed_time(marks[0][0]),
+                    "host_until_first_replay": (marks[0][2] - h0) * 1e3,
+                    "replays": sum(a.elapsed_time(b) for a, b, _ in marks),
+                    "between_replays": sum(marks[i][1].elapsed_time(marks[i + 1][0]) for i in range(segments - 1)),
+                    "after_last_replay": marks[-1][1].elapsed_time(end),
+                })
+    finally:
+        torch.cuda.CUDAGraph.replay = real_replay
+    return {s: {k: round(statistics.median(x[k] for x in v), 3) for k in v[0]} for s, v in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -42,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--trace", action="store_true", help="and what each system runs before its first replay")
+    ap.add_argument("--timeline", action="store_true", help="GPU intervals of a 4-segment pass from CUDA events")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -80,6 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
         fixed, per = fit(list(counts), [med[(s, n)] for n in counts])
         result[s] = {"fixed_ms": round(fixed, 3), "per_segment_ms": round(per, 3)}
     result["ratio_by_segments"] = {n: round(med[("base_segments", n)] / med[("memory", n)], 4) for n in counts}
+    if args.timeline:
+        result["timeline_4_segments"] = timeline(runs, args.repeats)
+        print(json.dumps(result["timeline_4_segments"]))
     if args.trace:  # one 1-segment pass of each under the profiler: what runs before the first replay
         from torch.profiler import ProfilerActivity, profile
 

@@ -235,6 +235,29 @@ def test_split_segments_with_bos_prefix():
     assert [s[1].tolist() for s in segs] == [[[1, 1, 1, 1], [1, 1, 1, 1]], [[1, 1, 1, 1], [0, 0, 0, 0]]]
 
 
+def test_cut_segments_knows_the_full_segments_and_needs_no_mask_without_padding():
+    """``cut_segments`` learns each row's count of real tokens once and tells the full segments from it: the same
+    flags as each segment's own mask says, with and without a BOS; without a mask it cuts as an all-ones mask does."""
+    from gma6.model import cut_segments, split_segments
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(2, 50, (3, 11), generator=g)
+    ids[:, 0] = 1
+    for mask in (torch.ones(3, 11, dtype=torch.bool), torch.tensor([[1] * 11, [0, 0] + [1] * 9, [1] * 5 + [0] * 6]),
+                 torch.tensor([[1] * 11, [1, 0] * 5 + [1], [0] * 11])):
+        for bos in (None, 1):
+            segs, full = cut_segments(ids, mask, 4, bos)
+            assert full == [bool(m.all()) for _, m in segs]
+            plain = split_segments(ids, mask, 4, bos)
+            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(segs, plain))
+    for bos in (None, 1):
+        with_mask = cut_segments(ids, torch.ones(3, 11, dtype=torch.bool), 4, bos)
+        without = cut_segments(ids, None, 4, bos)
+        assert with_mask[1] == without[1] and len(with_mask[0]) == len(without[0])
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(with_mask[0], without[0]))
+    assert cut_segments(ids, None, 4)[1] == [True, True, True]  # 11 tokens: 4 + 4 + 3, all real
+
+
 def test_left_padded_forward_matches_alone(tiny_model):
     mm = attach_memory(tiny_model, GMA6Config(**SMALL))
     _perturb(mm)

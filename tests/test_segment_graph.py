@@ -96,6 +96,34 @@ def test_a_graph_is_captured_once_a_shape_and_again_when_a_weight_changes(stand_
     assert len(calls) == 10 and len(eager) == 0
 
 
+def test_module_parameters_are_listed_again_only_when_the_module_tree_changes():
+    """The cached list is the module's own ``parameters()``, the same list object while nothing changed, and listed
+    anew after a parameter or a module is added, replaced or removed anywhere in the tree."""
+    from torch import nn
+
+    from gma6.segment_graph import ModuleParameters
+
+    net = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.Linear(3, 3), nn.ReLU()))
+    params = ModuleParameters(net)
+    first = params()
+    assert first == list(net.parameters()) and params() is first
+    with torch.no_grad():
+        net[0].weight.mul_(2)  # a value changes: the version key's business, not the list's
+    assert params() is first
+    changes = [
+        lambda: setattr(net[1][0], "weight", nn.Parameter(torch.zeros(3, 3))),  # a parameter replaced, deep down
+        lambda: net[1].add_module("extra", nn.Linear(3, 1)),  # a module added
+        lambda: setattr(net[1], "1", nn.Linear(3, 3)),  # a module (without parameters) replaced by one with
+        lambda: net[0].register_parameter("bias", None),  # a parameter removed
+        lambda: net[1][0]._parameters.__setitem__("scale", nn.Parameter(torch.ones(1))),  # written straight in
+    ]
+    for change in changes:
+        before = params()
+        change()
+        after = params()
+        assert after is not before and after == list(net.parameters())
+
+
 def test_off_cuda_the_read_runs_eagerly_and_equals_the_plain_read():
     ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(1))
     plain, graphed = _model(), _model(cuda_graph_segments=True)

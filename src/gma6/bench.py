@@ -59,9 +59,9 @@ from torch import nn
 
 from .config import GMA6Config
 from .memory.attention import version_key
-from .model import MemoryModel, attach_memory, full_segments, split_segments
+from .model import MemoryModel, attach_memory, cut_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
-from .segment_graph import GraphedCall
+from .segment_graph import GraphedCall, ModuleParameters
 
 SYSTEMS = ("base_segments", "memory", "base_full")
 TRAIN_SYSTEMS = ("train_memory", "train_frozen", "train_full")
@@ -278,14 +278,14 @@ def _runner(system: str, mm: MemoryModel, ids: torch.Tensor, segment: int | None
 
         @torch.no_grad()
         def run() -> None:
-            mask = torch.ones_like(ids, dtype=torch.bool)
-            segments = split_segments(ids, mask, segment)
-            # as the memory's read does: no padding mask where a segment has no padding, the weights' key once
+            # as the memory's read does: cut without a mask (none given), no padding mask where a segment has no
+            # padding, the weights' key once
+            segments, full = cut_segments(ids, None, segment)
             with base_graph.weights_fixed() if base_graph is not None else contextlib.nullcontext():
-                run_segments(segments)
+                run_segments(segments, full)
 
-        def run_segments(segments: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-            for (seg_ids, seg_mask), full in zip(segments, full_segments(segments)):
+        def run_segments(segments: list[tuple[torch.Tensor, torch.Tensor]], fulls: list[bool]) -> None:
+            for (seg_ids, seg_mask), full in zip(segments, fulls):
                 if base_graph is not None and full and base_graph.usable(seg_ids):
                     base_graph(seg_ids)
                 else:
@@ -309,8 +309,9 @@ def _graphed_base(mm: MemoryModel) -> GraphedCall | None:
     if not mm.config.cuda_graph_segments:
         return None
     base = mm.base
+    params = ModuleParameters(base)  # listed as the memory's key lists its own
     return GraphedCall(lambda ids: (base(input_ids=ids, logits_to_keep=1, use_cache=False).logits,),
-                       lambda: version_key(list(base.parameters())))
+                       lambda: version_key(params()))
 
 
 def _estimate(system: str, mm: MemoryModel, batch: int, context: int, segment: int | None) -> float:

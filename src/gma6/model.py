@@ -24,13 +24,13 @@ from .memory.attention import derived, read_dtype, version_key
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory import triton_read as kernel
 from .memory.graphed import GraphedReads
-from .segment_graph import GraphedCall
+from .segment_graph import GraphedCall, ModuleParameters
 from .site import AttentionSites, supported
 from .state import MemoryState
 from .wrapper import WEIGHTS_NAME, MemoryOutput, MemoryWrapper
 
-__all__ = ["WEIGHTS_NAME", "MemoryModel", "MemoryOutput", "attach_memory", "load_adapter", "memory_class",
-           "pack_left", "split_aligned", "split_segments"]
+__all__ = ["WEIGHTS_NAME", "MemoryModel", "MemoryOutput", "attach_memory", "cut_segments", "load_adapter",
+           "memory_class", "pack_left", "split_aligned", "split_segments"]
 
 _CALL_KWARG = "gma6_call"
 
@@ -98,6 +98,7 @@ class MemoryModel(MemoryWrapper):
         # GMA6Config.cuda_graph_segments: read()'s full segments replayed from one CUDA graph a shape; the weights'
         # key taken once for a whole read (_reading) instead of at every segment
         self._segment_graph: GraphedCall | None = None
+        self._parameter_list = ModuleParameters(self)  # for the graph's weights key, listed lazily
         self._site_cache: dict[str, tuple] = {}  # the reads' stacked gates and sinks (``derived``)
         try:
             decoder_layers = find_decoder_layers(base)
@@ -458,7 +459,7 @@ class MemoryModel(MemoryWrapper):
 
     def _weights_key(self) -> tuple | None:
         """What a segment graph is recorded with: the parameters' versions (None: inference tensors, no replay)."""
-        return version_key(list(self.parameters()))
+        return version_key(self._parameter_list())
 
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
@@ -665,29 +666,30 @@ def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
         mask = attention_mask.bool()
-    if not mask.any():
-        raise ValueError("the input has no real token (attention_mask is all zero)")
+        if not mask.any():  # without a mask every token is real (a host sync saved)
+            raise ValueError("the input has no real token (attention_mask is all zero)")
     return input_ids, mask
 
 
-def full_segments(segments: list[tuple[torch.Tensor, torch.Tensor]]) -> list[bool]:
-    """For each segment of ``split_segments``, whether every position holds a real token
-    (one host sync for all of them)."""
-    if not segments:
-        return []
-    return [bool(x) for x in torch.stack([m.all() for _, m in segments]).tolist()]
-
-
 def split_segments(
-    input_ids: torch.Tensor, mask: torch.Tensor, segment_length: int, bos_token_id: int | None = None
+    input_ids: torch.Tensor, mask: torch.Tensor | None, segment_length: int, bos_token_id: int | None = None
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Cut a (padded) batch into segments of at most ``segment_length`` tokens.
 
     Each row's real tokens are packed to the left first, so a row is cut as it would be alone.
     With ``bos_token_id``, a leading BOS is dropped and every segment starts with one, leaving
-    ``segment_length - 1`` text tokens a segment.
+    ``segment_length - 1`` text tokens a segment. ``mask`` None: no padding.
     """
-    return [(ids, m) for ids, m, _ in _cut(input_ids, mask, segment_length, bos_token_id)]
+    return [(ids, m) for ids, m, _ in _cut(input_ids, mask, segment_length, bos_token_id)[0]]
+
+
+def cut_segments(
+    input_ids: torch.Tensor, mask: torch.Tensor | None, segment_length: int, bos_token_id: int | None = None
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[bool]]:
+    """``split_segments``, and for each segment whether every position holds a real token (a full segment: the
+    base gets no padding mask). One host sync (a BOS adds one); none where ``mask`` is None (no padding)."""
+    cut, full = _cut(input_ids, mask, segment_length, bos_token_id)
+    return [(ids, m) for ids, m, _ in cut], full
 
 
 def split_aligned(
@@ -697,51 +699,65 @@ def split_aligned(
     tokens (a BOS it adds gets 0 / False): per-token targets that follow their tokens into segments."""
     if values.shape != input_ids.shape:
         raise ValueError(f"values shape {tuple(values.shape)} != input_ids shape {tuple(input_ids.shape)}")
-    return [v for _, _, v in _cut(input_ids, mask, segment_length, bos_token_id, values)]
+    return [v for _, _, v in _cut(input_ids, mask, segment_length, bos_token_id, values)[0]]
 
 
 def _cut(
-    input_ids: torch.Tensor, mask: torch.Tensor, segment_length: int, bos_token_id: int | None,
+    input_ids: torch.Tensor, mask: torch.Tensor | None, segment_length: int, bos_token_id: int | None,
     values: torch.Tensor | None = None,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-    """``split_segments``' cut, carrying ``values`` (B, N) along with the tokens when given."""
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], list[bool]]:
+    """``split_segments``' cut, carrying ``values`` (B, N) along with the tokens when given, and which segments are
+    full. The host learns each row's count of real tokens (one sync) and cuts by it."""
     if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length <= 0:
         raise ValueError(f"segment_length={segment_length!r}: expected a positive int")
     if bos_token_id is not None and segment_length < 2:
         raise ValueError(f"segment_length={segment_length}: needs at least 2 tokens when each segment starts with BOS")
     carried = [input_ids] if values is None else [input_ids, values]
-    mask, carried = _pack(mask.bool(), carried)
+    n = input_ids.shape[1]
+    if mask is None:  # no padding: nothing to pack or count
+        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        counts = [n] * input_ids.shape[0]
+    else:
+        mask, carried, counts = _pack(mask.bool(), carried)
     if bos_token_id is not None:
         lead = (carried[0][:, 0] == bos_token_id) & mask[:, 0]
-        if bool(lead.any()):
+        drops = lead.tolist()
+        if any(drops):
             mask = mask.clone()
             mask[:, 0] &= ~lead
-            mask, carried = _pack(mask, carried)
+            mask, carried, counts = _pack(mask, carried, [c - d for c, d in zip(counts, drops)])
     input_ids, values = carried[0], (carried[1] if values is not None else None)
     step = segment_length - (bos_token_id is not None)
-    width = int(mask.sum(1).max())
-    out = []
-    for s in range(0, max(width, 1), step):
+    out, full = [], []
+    for s in range(0, max(max(counts), 1), step):
         ids, m = input_ids[:, s : s + step], mask[:, s : s + step]
         v = None if values is None else values[:, s : s + step]
+        full.append(min(counts) >= min(s + step, n))
         if bos_token_id is not None:
             b = ids.shape[0]
             ids = torch.cat([torch.full((b, 1), bos_token_id, dtype=ids.dtype, device=ids.device), ids], 1)
             m = torch.cat([m[:, :1], m], 1)  # BOS only where the segment has text
             v = None if v is None else torch.cat([torch.zeros_like(v[:, :1]), v], 1)
         out.append((ids, m, v))
-    return out
+    return out, full
 
 
 def pack_left(input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's real tokens to the front (order kept), padding to the back."""
-    mask, (input_ids,) = _pack(mask.bool(), [input_ids])
+    mask, (input_ids,), _ = _pack(mask.bool(), [input_ids])
     return input_ids, mask
 
 
-def _pack(mask: torch.Tensor, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``pack_left`` of a bool ``mask`` and every (B, N) tensor in ``tensors`` by the same order."""
-    if bool(mask[:, : mask.sum(1).max()].all()) and not bool(mask[:, mask.sum(1).max():].any()):
-        return mask, list(tensors)
+def _pack(mask: torch.Tensor, tensors: list[torch.Tensor], counts: list[int] | None = None
+          ) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    """``pack_left`` of a bool ``mask`` and every (B, N) tensor in ``tensors`` by the same order; with each row's
+    count of real tokens (``counts`` if the caller knows them; else one host sync learns them with whether the rows
+    are packed already)."""
+    if counts is None:
+        per_row = mask.sum(1)
+        packed = (mask == (torch.arange(mask.shape[1], device=mask.device) < per_row[:, None])).all()
+        *counts, is_packed = torch.cat([per_row, packed.long()[None]]).tolist()
+        if is_packed:
+            return mask, list(tensors), counts
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
-    return mask.gather(1, order), [t.gather(1, order) for t in tensors]
+    return mask.gather(1, order), [t.gather(1, order) for t in tensors], counts

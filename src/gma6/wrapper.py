@@ -112,19 +112,20 @@ class MemoryWrapper(nn.Module):
             bos_token_id: if given, every segment starts with this token (models such as Gemma
                 expect it at position 0; each segment is a fresh window).
         """
-        from tqdm.auto import tqdm
-
-        from .model import _check_input, full_segments, split_segments  # model builds on this module
+        from .model import _check_input, cut_segments  # model builds on this module
 
         self._check_attached()
         input_ids, mask = _check_input(input_ids, attention_mask)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         self._check_read_budget(input_ids.shape[0], segment_length)
-        segments = split_segments(input_ids, mask, segment_length, bos_token_id)
-        full = full_segments(segments)
+        segments, full = cut_segments(input_ids, None if attention_mask is None else mask, segment_length, bos_token_id)
         with self._reading():
-            for (seg_ids, seg_mask), f in tqdm(zip(segments, full), total=len(segments), desc="reading",
-                                               unit="segment", disable=not progress):
+            steps = zip(segments, full)
+            if progress:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(steps, total=len(segments), desc="reading", unit="segment")
+            for (seg_ids, seg_mask), f in steps:
                 state = self._read_step(seg_ids, seg_mask, state, f)
         return state.to("cpu") if self.config.offload_to_cpu else state
 

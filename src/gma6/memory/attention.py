@@ -21,9 +21,14 @@ def version_key(params: list[torch.Tensor]) -> tuple | None:
     move, a new ``.data``), or None where derived tensors must not be cached: under autograd
     (gradients must reach the parameters themselves) or for inference tensors, which keep no
     version counter."""
-    if torch.is_grad_enabled() or any(p.is_inference() for p in params):
+    if torch.is_grad_enabled():
         return None
-    return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
+    try:  # one pass: an inference tensor's version raises (a separate check for them cost a second pass)
+        return tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in params)
+    except RuntimeError:
+        if any(p.is_inference() for p in params):
+            return None
+        raise
 
 
 def derived(cache: dict, name: str, params: list[torch.Tensor], make: Callable[[], Any]) -> Any:
