@@ -14,16 +14,18 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 import gma6
 from gma6.base import default_adapter
+from gma6.bench import position_loss
 from gma6.model import split_segments
 from gma6.options import set_gradient_checkpointing
 
 
 def add_arguments(ap: argparse.ArgumentParser, batch: int, context: int, positions: int, device: str) -> None:
     ap.add_argument("--model", default=None, help="base model (default: the embedded Gemma 3 270M)")
+    ap.add_argument("--shape", default=None,
+                    help="a model config (JSON) to build with random weights instead (the same shapes and kernels)")
     ap.add_argument("--adapter", default=str(default_adapter()))
     ap.add_argument("--device", default=device)
     ap.add_argument("--dtype", default="bfloat16")
@@ -43,7 +45,13 @@ class TrainSteps:
         torch.manual_seed(0)
         self.args = args
         self.device = torch.device(args.device)
-        model, _ = gma6.load_base(args.model, progress=False, dtype=getattr(torch, args.dtype), device=self.device)
+        dtype = getattr(torch, args.dtype)
+        if getattr(args, "shape", None):
+            from segment_gpu_parts import random_base
+
+            model = random_base(args.shape, dtype, str(self.device))
+        else:
+            model, _ = gma6.load_base(args.model, progress=False, dtype=dtype, device=self.device)
         vocab = min(1000, model.get_input_embeddings().num_embeddings)
         ids = torch.randint(0, vocab, (args.batch, args.context), device=self.device)
         self.segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
@@ -54,7 +62,7 @@ class TrainSteps:
             self.mm.train()  # checkpointing acts in training mode only
 
     def _loss_at(self, logits: torch.Tensor, seg_ids: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().flatten(0, 1), seg_ids[:, self.pos + 1].flatten())
+        return position_loss(logits, seg_ids[:, self.pos + 1])
 
     def memory_loss(self) -> torch.Tensor:
         """Every segment read with the memory carried; the summed loss (backward not taken)."""
@@ -93,6 +101,6 @@ class TrainSteps:
         return {
             "command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine(),
-            "device": d.type, "dtype": a.dtype, "adapter": a.adapter, "batch": a.batch, "context": a.context,
+            "device": d.type, "dtype": a.dtype, "shape": getattr(a, "shape", None), "adapter": a.adapter, "batch": a.batch, "context": a.context,
             "segment": a.segment, "positions": len(self.pos), "checkpointing": a.checkpointing,
         }

@@ -222,3 +222,19 @@ def test_cli_times_several_training_steps_and_keeps_the_fastest(tmp_path, monkey
     assert all(r["status"] == "ok" and r["repeats"] == 2 for r in rows)
     bad = CliRunner().invoke(app, [*args[:-3], "0", "--out", str(out)])
     assert bad.exit_code != 0 and "train_steps" in bad.output
+
+
+def test_position_loss_is_the_cross_entropy_with_its_gradient():
+    """The bench's loss recomputes its fp32 copies in backward (as ``gma6 train`` does): same value, same gradient."""
+    from gma6.bench import position_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 11, generator=g, dtype=torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 11, (2, 3), generator=g)
+    ref = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    (want,) = torch.autograd.grad(ref, logits)
+    got = position_loss(logits, targets)
+    assert torch.equal(got, ref)
+    assert torch.equal(torch.autograd.grad(got, logits)[0], want)
+    with torch.no_grad():
+        assert torch.equal(position_loss(logits, targets), ref)

@@ -149,6 +149,33 @@ def _grads_agree(ids, kind):
         assert torch.allclose(grads[0], g, atol=1e-5)
 
 
+def test_under_checkpointing_a_segment_holds_no_copy_of_its_own_until_backward():
+    """Under the base's checkpointing a segment's call lives until backward (the recomputed layers hold it): it
+    then keeps neither the slots prepared for every layer at once nor the normed hidden states the write reads
+    (each layer prepares its slots inside the recomputed layer; the write norms the layers' outputs, which the
+    checkpoints keep anyway, in its own recomputation). Without checkpointing it keeps both, which autograd needs
+    there. The gradients are the same either way (``_grads_agree``)."""
+    from gma6.model import _CALL_KWARG
+
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
+    held = {}
+    for ckpt in (False, True):
+        mm = _trained(tiny_gemma3(layers=4).float(), gradient_checkpointing=ckpt, read_rank=2)
+        assert mm._stacked is not None and mm._stacked.applies()
+        mm.train()
+        calls = []
+        handle = mm._hooked_layers[-1].register_forward_pre_hook(
+            lambda m, a, kw: calls.append(kw.get(_CALL_KWARG)), with_kwargs=True)
+        try:
+            out = mm(input_ids=ids, memory_state=mm.init_state(2), labels=ids)
+        finally:
+            handle.remove()
+        call = calls[0]
+        held[ckpt] = (call.site_slots is not None, len(call.hiddens))
+        out.loss.backward()
+    assert held[False] == (True, 3) and held[True] == (False, 0)
+
+
 @pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"},
                                   {"read_rank": 2, "read_query": "none"}])
 def test_generate_reads_through_the_attention_function(kind):

@@ -11,7 +11,8 @@ Systems, all in one process over the same random tokens:
     the bare base in one pass over the whole context (``logits_to_keep=1``);
 ``train_memory`` / ``train_full``
     one training step over ``train_context`` tokens cut into segments, next-token loss on every
-    token (or on ``train_positions`` a segment, as ``gma6 train`` scores):
+    token (or on ``train_positions`` a segment, as ``gma6 train`` scores, its fp32 copies of the
+    logits recomputed in backward as there: ``position_loss``):
     the memory's parameters only (backpropagated through the segments), against a full
     fine-tune of every base parameter (AdamW both). The full fine-tune trains the base it is
     given in place, so it runs last.
@@ -55,6 +56,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import GMA6Config
@@ -505,8 +507,7 @@ def _train_rows(
         n = seg_ids.shape[1] - 1
         pos = torch.linspace(0, n - 1, min(config.train_positions, n), device=seg_ids.device).round().long().unique()
         out = model(input_ids=seg_ids, attention_mask=seg_mask, logits_to_keep=pos, **kw)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), seg_ids[:, pos + 1].flatten())
-        return loss, out
+        return position_loss(out.logits, seg_ids[:, pos + 1]), out
 
     def memory_step() -> None:
         state, loss = mm.init_state(b), 0.0
@@ -556,6 +557,20 @@ def _train_rows(
         base.eval()
     _free(device)
     return out_rows
+
+
+def position_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (B, P, V) logits against (B, P) targets, its fp32 copies recomputed in backward, as ``gma6
+    train`` scores its segments (``training._segment_terms``): kept, each segment's vocabulary-wide fp32 logits
+    stay until the step's backward (2 GiB at 8 x 4k, 32 positions a segment, on the 270M)."""
+    def terms(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
+        # log_softmax and nll_loss as two calls, as training.context_terms: F.cross_entropy recomputed by the
+        # checkpoint failed on the H200's torch 2.11 (SystemError: returned NULL without setting an exception)
+        return F.nll_loss(F.log_softmax(lg.float(), -1).flatten(0, 1), tg.flatten())
+
+    if not torch.is_grad_enabled():
+        return terms(logits, targets)
+    return torch.utils.checkpoint.checkpoint(terms, logits, targets, use_reentrant=False)
 
 
 def run_frozen_floor(

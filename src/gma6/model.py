@@ -390,7 +390,10 @@ class MemoryModel(MemoryWrapper):
             call = self._call
             # Identity, not equality: the norm's other inputs (our own ``view``, a checkpoint's
             # detached copy) must not stand in for the layer's output.
-            if call is not None and call.collect and args and args[0] is call.outputs.get(slot):
+            # Not under the base's checkpointing: the call lives until backward there, and the write norms the
+            # outputs the checkpoints keep anyway again in its own recomputation (``_write_outputs``).
+            if (call is not None and call.collect and args and args[0] is call.outputs.get(slot)
+                    and not self._checkpointing()):
                 call.hiddens[slot] = output[0] if isinstance(output, tuple) else output
 
         return hook
@@ -405,6 +408,12 @@ class MemoryModel(MemoryWrapper):
                 got = norm(new) if norm is not None else new
             out.append(got)
         return out
+
+    def _write_outputs(self, state: MemoryState, outputs: list[torch.Tensor], mask: torch.Tensor,
+                       full: bool) -> tuple[MemoryState, list]:
+        """The write from the memory layers' outputs, each through the base's reading norm here."""
+        hiddens = [norm(o) if norm is not None else o for norm, o in zip(self._reading_norms, outputs)]
+        return self.controller.write(state, hiddens, mask, False, full)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -531,15 +540,19 @@ class MemoryModel(MemoryWrapper):
             self._call = None
         new_state, stats, write_loss = state, None, None
         if write:
-            hiddens = self._written_hiddens(call)
             if write_targets is not None:
-                write_loss = self._recomputed(self.controller.selection_loss, hiddens, mask, write_targets.bool(),
-                                              in_layer=False)
+                write_loss = self._recomputed(self.controller.selection_loss, self._written_hiddens(call), mask,
+                                              write_targets.bool(), in_layer=False)
             if return_stats:
-                new_state, stats = self.controller.write(state, hiddens, mask, True, full)
+                new_state, stats = self.controller.write(state, self._written_hiddens(call), mask, True, full)
+            elif self._checkpointing():
+                # The base keeps each layer's output for its recomputation: the write keeps those and norms them
+                # again in backward, not a normed copy of its own (a hidden state a memory layer a segment).
+                outputs = [call.outputs[slot] for slot in range(len(self._reading_norms))]
+                new_state, stats = self._recomputed(self._write_outputs, state, outputs, mask, full, in_layer=False)
             else:  # outside the layers: the base's own checkpointing never covers it
-                new_state, stats = self._recomputed(self.controller.write, state, hiddens, mask, False, full,
-                                                    in_layer=False)
+                new_state, stats = self._recomputed(self.controller.write, state, self._written_hiddens(call), mask,
+                                                    False, full, in_layer=False)
             if return_stats:
                 for i, st in enumerate(stats):
                     st.update(call.stats.get(i, {}))
@@ -560,7 +573,10 @@ class MemoryModel(MemoryWrapper):
     def _prepare_site(self, call: _Call, batch: int) -> None:
         """read_site="attention": every layer's slots and gates for the fused read, at once, where
         ``StackedSlots`` applies (else each layer prepares its own in its hook)."""
-        if self._stacked is None or not self._stacked.applies() or call.memory.shape[0] != batch:
+        # Not under the base's checkpointing: prepared out here, every segment's slots would be kept until backward
+        # (~1 GiB at 8 x 4k on the 270M); each layer's read prepares its own inside the layer instead, recomputed.
+        if (self._stacked is None or not self._stacked.applies() or call.memory.shape[0] != batch
+                or self._checkpointing()):
             return
         layers = self.controller.layers
         dtype = self._hidden_dtype()
