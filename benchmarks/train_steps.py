@@ -101,6 +101,7 @@ class TrainSteps:
         return {
             "command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine(),
-            "device": d.type, "dtype": a.dtype, "shape": getattr(a, "shape", None), "adapter": a.adapter, "batch": a.batch, "context": a.context,
-            "segment": a.segment, "positions": len(self.pos), "checkpointing": a.checkpointing,
+            "device": d.type, "dtype": a.dtype, "shape": getattr(a, "shape", None), "adapter": a.adapter,
+            "batch": a.batch, "context": a.context, "segment": a.segment, "positions": len(self.pos),
+            "checkpointing": a.checkpointing,
         }

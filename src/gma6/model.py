@@ -572,7 +572,8 @@ class MemoryModel(MemoryWrapper):
 
     def _prepare_site(self, call: _Call, batch: int) -> None:
         """read_site="attention": every layer's slots and gates for the fused read, at once, where
-        ``StackedSlots`` applies (else each layer prepares its own in its hook)."""
+        ``StackedSlots`` applies and the base does not checkpoint its layers (else each layer prepares its own in
+        its hook)."""
         # Not under the base's checkpointing: prepared out here, every segment's slots would be kept until backward
         # (~1 GiB at 8 x 4k on the 270M); each layer's read prepares its own inside the layer instead, recomputed.
         if (self._stacked is None or not self._stacked.applies() or call.memory.shape[0] != batch
