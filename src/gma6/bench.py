@@ -564,7 +564,8 @@ def position_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     train`` scores its segments (``training._segment_terms``): kept, each segment's vocabulary-wide fp32 logits
     stay until the step's backward (2 GiB at 8 x 4k, 32 positions a segment, on the 270M)."""
     def terms(lg: torch.Tensor, tg: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lg.float().flatten(0, 1), tg.flatten())
+        # as training.context_terms computes it (and as the session 19 GPU runs ran it)
+        return F.nll_loss(F.log_softmax(lg.float(), -1).flatten(0, 1), tg.flatten())
 
     if not torch.is_grad_enabled():
         return terms(logits, targets)
