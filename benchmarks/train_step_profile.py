@@ -45,7 +45,9 @@ def profiled(step, device: torch.device, top: int) -> dict:
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, key, 0))
     total = sum(getattr(e, key, 0) for e in events)
     rows = [{"op": e.key, "calls": e.count, "self_ms": round(getattr(e, key, 0) / 1e3, 2)} for e in events[:top]]
-    return {"seconds": round(seconds, 4), "profiled_self_ms": round(total / 1e3, 1), "top": rows}
+    # operator calls, nested ones included (aten::linear and the addmm under it): what a launch-bound GPU pays for
+    calls = sum(e.count for e in events if e.key.startswith("aten::"))
+    return {"seconds": round(seconds, 4), "profiled_self_ms": round(total / 1e3, 1), "aten_calls": calls, "top": rows}
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
     }
     print(json.dumps({k: result[k] for k in ("memory_over_frozen_seconds",)}))
     for name in ("train_memory", "train_frozen"):
-        print(f"== {name}: {result[name]['seconds']} s")
+        print(f"== {name}: {result[name]['seconds']} s, {result[name]['aten_calls']} aten calls")
         for r in result[name]["top"][:14]:
             print(f"  {r['self_ms']:9.1f} ms {r['calls']:6d}  {r['op'][:90]}")
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
