@@ -256,6 +256,16 @@ def test_cut_segments_knows_the_full_segments_and_needs_no_mask_without_padding(
         assert with_mask[1] == without[1] and len(with_mask[0]) == len(without[0])
         assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(with_mask[0], without[0]))
     assert cut_segments(ids, None, 4)[1] == [True, True, True]  # 11 tokens: 4 + 4 + 3, all real
+    for trial in range(30):  # random padding anywhere: each row cut as it would be alone, the flags its masks'
+        mask = torch.rand(3, 11, generator=g) < (0.3 + 0.02 * trial)
+        for bos in (None, 1):
+            segs, full = cut_segments(ids, mask, 3, bos)
+            assert full == [bool(m.all()) for _, m in segs]
+            for row in range(3):
+                alone = [s[0][0][s[1][0]] for s in cut_segments(ids[row:row + 1], mask[row:row + 1], 3, bos)[0]]
+                together = [s[0][row][s[1][row]] for s in segs]
+                assert all(torch.equal(a, b) for a, b in zip(alone, together))
+                assert all(t.numel() == 0 for t in together[len(alone):])  # the longer rows' segments: none of its
 
 
 def test_left_padded_forward_matches_alone(tiny_model):

@@ -3,6 +3,8 @@
 replay may stand in for a call, and that everywhere else the read runs eagerly with the same result."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -167,4 +169,24 @@ def test_a_read_takes_the_weights_key_once():
     mm._reading = lambda: entered.append(1) or reading()
     mm.read(torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(3)), segment_length=5)
     assert entered == [1]  # once for its four segments
+    mm.detach()
+
+
+def test_the_weights_key_sees_a_lora_added_and_a_module_replaced():
+    """The segment graph's key lists the model's parameters once and again only when its module tree changes: a LoRA
+    added to the base or a memory module replaced changes the key (a graph recorded before would replay without
+    them), a read in between leaves it as it was."""
+    mm = _model(cuda_graph_segments=True)
+    ids = torch.randint(3, 64, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        first = mm._weights_key()
+        mm.read(ids, segment_length=5)
+        assert mm._weights_key() == first
+        mm.add_lora(2)
+        with_lora = mm._weights_key()
+        assert len(with_lora) > len(first)
+        layer = mm.controller.layers[0]
+        name, old = next(iter(layer.named_children()))
+        setattr(layer, name, copy.deepcopy(old))  # the same values, new parameters
+        assert mm._weights_key() != with_lora and len(mm._weights_key()) == len(with_lora)
     mm.detach()
