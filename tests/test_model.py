@@ -265,7 +265,7 @@ def test_cut_segments_knows_the_full_segments_and_needs_no_mask_without_padding(
                 alone = [s[0][0][s[1][0]] for s in cut_segments(ids[row:row + 1], mask[row:row + 1], 3, bos)[0]]
                 together = [s[0][row][s[1][row]] for s in segs]
                 assert all(torch.equal(a, b) for a, b in zip(alone, together))
-                assert all(t.numel() == 0 for t in together[len(alone):])  # the longer rows' segments: none of its
+                assert all(t.numel() == 0 for t in together[len(alone):])  # segments only longer rows fill: empty here
 
 
 def test_left_padded_forward_matches_alone(tiny_model):
