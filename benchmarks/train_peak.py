@@ -76,7 +76,7 @@ def main() -> None:
         raise SystemExit("train_peak.py reads CUDA's allocator history: it needs a CUDA device")
     steps = TrainSteps(args)
     result = steps.header()
-    params = [p for p in steps.mm.memory_parameters()]
+    params = list(steps.mm.memory_parameters())
 
     def memory_step() -> None:
         steps.memory_loss().backward()

@@ -60,7 +60,6 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import GMA6Config
-from .memory.attention import version_key
 from .model import MemoryModel, attach_memory, cut_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
 from .segment_graph import GraphedCall, ModuleParameters
@@ -311,9 +310,8 @@ def _graphed_base(mm: MemoryModel) -> GraphedCall | None:
     if not mm.config.cuda_graph_segments:
         return None
     base = mm.base
-    params = ModuleParameters(base)  # listed as the memory's key lists its own
     return GraphedCall(lambda ids: (base(input_ids=ids, logits_to_keep=1, use_cache=False).logits,),
-                       lambda: version_key(params()))
+                       ModuleParameters(base).key)  # keyed as the memory's graph is
 
 
 def _estimate(system: str, mm: MemoryModel, batch: int, context: int, segment: int | None) -> float:

@@ -20,7 +20,7 @@ from torch import nn
 from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
-from .memory.attention import derived, read_dtype, version_key
+from .memory.attention import derived, read_dtype
 from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory import triton_read as kernel
 from .memory.graphed import GraphedReads
@@ -468,7 +468,7 @@ class MemoryModel(MemoryWrapper):
 
     def _weights_key(self) -> tuple | None:
         """What a segment graph is recorded with: the parameters' versions (None: inference tensors, no replay)."""
-        return version_key(self._parameter_list())
+        return self._parameter_list.key()
 
     def _read_step(self, input_ids: torch.Tensor, mask: torch.Tensor, state: MemoryState, full: bool = False) -> MemoryState:
         # ``read`` checked the whole input and cut it with ``split_segments``: each row's tokens are
@@ -662,7 +662,9 @@ def memory_class(config: GMA6Config) -> type:
     return MemoryModel
 
 
-def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_input(input_ids: Any, attention_mask: Any, ones: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checked (B, N) ids and bool mask; without an ``attention_mask`` an all-ones mask, or None if not ``ones``
+    (a caller that takes None as "no padding" saves making it)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
@@ -674,7 +676,7 @@ def _check_input(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     if attention_mask is None:
-        mask = torch.ones_like(input_ids, dtype=torch.bool)
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if ones else None
     else:
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")

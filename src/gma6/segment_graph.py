@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .memory.attention import version_key
+
 # Graphs kept (each holds its own inputs and, shared with the others, a memory pool): a read meets at most two
 # shapes (its full segments and the last); beyond, all are dropped and captured anew.
 _MAX_GRAPHS = 4
@@ -73,6 +75,10 @@ class ModuleParameters:
             self._tree = self._shape()
             self._params = list(self._module.parameters())
         return self._params
+
+    def key(self) -> tuple | None:
+        """``version_key`` of the parameters: what a ``GraphedCall``'s graphs are recorded with."""
+        return version_key(self())
 
 
 class GraphedCall:

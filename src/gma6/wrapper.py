@@ -115,10 +115,10 @@ class MemoryWrapper(nn.Module):
         from .model import _check_input, cut_segments  # model builds on this module
 
         self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask)
+        input_ids, mask = _check_input(input_ids, attention_mask, ones=False)  # None: no padding
         state = self._prepare_state(memory_state, input_ids.shape[0])
         self._check_read_budget(input_ids.shape[0], segment_length)
-        segments, full = cut_segments(input_ids, None if attention_mask is None else mask, segment_length, bos_token_id)
+        segments, full = cut_segments(input_ids, mask, segment_length, bos_token_id)
         with self._reading():
             steps = zip(segments, full)
             if progress:
