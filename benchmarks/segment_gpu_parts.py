@@ -30,13 +30,9 @@ from gma6.io import atomic_write_text
 
 def random_base(config_path: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     """A causal LM of the config at ``config_path`` with seeded random weights, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from gma6.bench import random_model
 
-    config = AutoConfig.from_pretrained(config_path)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.eval()
+    return random_model(config_path, dtype, device)
 
 
 def gpu_ms(fn, repeats: int) -> float:

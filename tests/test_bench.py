@@ -238,3 +238,29 @@ def test_position_loss_is_the_cross_entropy_with_its_gradient():
     assert torch.equal(torch.autograd.grad(got, logits)[0], want)
     with torch.no_grad():
         assert torch.equal(position_loss(logits, targets), ref)
+
+
+def test_bench_shape_times_a_model_of_random_weights_of_a_config(tmp_path):
+    """``gma6 bench --shape CONFIG``: the model built from the config with random weights (no checkpoint to load),
+    named so in the results; with ``--model`` too, or a missing file, a clear error."""
+    from typer.testing import CliRunner
+
+    from gma6.bench import random_model
+    from gma6.cli import app
+
+    tiny_gemma3().config.to_json_file(tmp_path / "config.json")
+    model = random_model(tmp_path / "config.json", "float32", "cpu")
+    assert model.config.num_hidden_layers == tiny_gemma3().config.num_hidden_layers and not model.training
+    assert torch.equal(random_model(tmp_path / "config.json", "float32", "cpu").lm_head.weight, model.lm_head.weight)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--shape", str(tmp_path / "config.json"), "-c", "32", "-b", "1", "-s", "16", "--no-train",
+            "--system", "base_segments", "--system", "memory", "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["model"] == f"random weights, shape of {tmp_path / 'config.json'}"
+    assert {r["system"] for r in data["rows"] if r["status"] == "ok"} == {"base_segments", "memory"}
+    res = CliRunner().invoke(app, [*args, "--model", "x"])
+    assert res.exit_code != 0 and "--shape and --model" in res.output
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        random_model(tmp_path / "missing.json", "float32", "cpu")

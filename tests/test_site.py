@@ -149,31 +149,51 @@ def _grads_agree(ids, kind):
         assert torch.allclose(grads[0], g, atol=1e-5)
 
 
-def test_under_checkpointing_a_segment_holds_no_copy_of_its_own_until_backward():
+def test_under_checkpointing_a_segment_holds_only_its_prepared_slots_until_backward():
     """Under the base's checkpointing a segment's call lives until backward (the recomputed layers hold it): it
-    then keeps neither the slots prepared for every layer at once nor the normed hidden states the write reads
-    (each layer prepares its slots inside the recomputed layer; the write norms the layers' outputs, which the
-    checkpoints keep anyway, in its own recomputation). Without checkpointing it keeps both, which autograd needs
-    there. The gradients are the same either way (``_grads_agree``)."""
+    keeps every layer's slots prepared at once (keys and values once per key-value head, not repeated over the
+    query groups) but no normed hidden states for the write (which norms the layers' outputs, kept by the
+    checkpoints anyway, in its own recomputation), and autograd saves nothing the memory's code computed outside a
+    recomputation. Without checkpointing the call keeps the hidden states too, which autograd needs there. The
+    gradients are the same either way (``_grads_agree``)."""
+    import traceback
+
+    from torch.autograd.graph import saved_tensors_hooks
+
     from gma6.model import _CALL_KWARG
 
     ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(4))
-    held = {}
+    held, saved = {}, {}
     for ckpt in (False, True):
         mm = _trained(tiny_gemma3(layers=4).float(), gradient_checkpointing=ckpt, read_rank=2)
         assert mm._stacked is not None and mm._stacked.applies()
         mm.train()
-        calls = []
+        calls, where = [], []
+
+        def pack(t):
+            stack = traceback.extract_stack()[:-1]
+            frames = [f for f in stack if "/torch/" not in f.filename.replace("\\", "/")]
+            inputs = any(f.name == "save_inputs" for f in stack)  # a checkpoint keeping its inputs
+            # activations have batch, token or slot, and width dimensions (a stacked gate (L, H) is a weight's size)
+            if frames and "/gma6/" in frames[-1].filename.replace("\\", "/") and t.dim() >= 3 and not inputs:
+                where.append(f"{frames[-1].filename}:{frames[-1].lineno} {tuple(t.shape)}")
+            return t
+
         handle = mm._hooked_layers[-1].register_forward_pre_hook(
             lambda m, a, kw: calls.append(kw.get(_CALL_KWARG)), with_kwargs=True)
         try:
-            out = mm(input_ids=ids, memory_state=mm.init_state(2), labels=ids)
+            with saved_tensors_hooks(pack, lambda t: t):
+                out = mm(input_ids=ids, memory_state=mm.init_state(2), labels=ids)
         finally:
             handle.remove()
         call = calls[0]
-        held[ckpt] = (call.site_slots is not None, len(call.hiddens))
+        k = call.site_slots[0][0] if call.site_slots is not None else None
+        held[ckpt] = (k is not None and k.shape[1] == mm.base.config.num_key_value_heads, len(call.hiddens))
+        saved[ckpt] = where
         out.loss.backward()
-    assert held[False] == (True, 3) and held[True] == (False, 0)
+    assert mm.base.config.num_attention_heads > mm.base.config.num_key_value_heads
+    assert held[False] == (True, 3) and held[True] == (True, 0)
+    assert saved[True] == [], saved[True]
 
 
 @pytest.mark.parametrize("kind", [{}, {"read_rank": 2}, {"read_rank": 2, "read_query": "after_norm"},

@@ -796,3 +796,17 @@ def load_model(name: str | None, dtype: str, device: str) -> nn.Module:
 
     model, _ = load_base(name, dtype=dtype, device=device, progress=True)
     return model
+
+
+def random_model(config_path: str | os.PathLike, dtype: str | torch.dtype, device: str | torch.device) -> nn.Module:
+    """A causal LM of the config (JSON) at ``config_path`` with seeded random weights, in eval mode: the same shapes
+    and kernels as the trained model, so the same timings, without its weights (none to stage on a lent GPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not Path(config_path).is_file():
+        raise FileNotFoundError(f"model config {str(config_path)!r}: no such file")
+    config = AutoConfig.from_pretrained(str(config_path))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return model.eval()

@@ -21,6 +21,9 @@ def bench(
     segment: list[int] = typer.Option([512, 1024], "--segment", "-s", help="Segment lengths; repeatable."),
     system: list[str] = typer.Option(["base_segments", "memory", "base_full"], "--system", help="Systems to run; repeatable."),
     model: Optional[str] = typer.Option(None, help="Base model (checkpoint folder, .gguf or hub id); default: the embedded Gemma 3 270M."),
+    shape: Optional[Path] = typer.Option(
+        None, help="Bench a model of this config (JSON) with random weights instead: the same shapes, kernels and "
+                   "timings as the trained model's (answers aside), nothing to load."),
     device: Optional[str] = typer.Option(None, help="cuda if available, else cpu."),
     dtype: str = typer.Option("float32", help="The base's dtype: float32, bfloat16, float16."),
     repeats: int = typer.Option(1, help="Passes per measurement; the fastest counts."),
@@ -100,9 +103,15 @@ def bench(
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from e
-    base = b.load_model(model, dtype, device)
+    if shape is not None and model is not None:
+        raise typer.BadParameter("--shape and --model: pass one (--shape builds a model of random weights)")
+    if shape is not None:
+        base = b.random_model(shape, dtype, device)
+        name = f"random weights, shape of {shape}"
+    else:
+        base, name = b.load_model(model, dtype, device), model or "gemma-3-270m (embedded)"
     command = shlex.join(["gma6", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("gma6") else shlex.join(sys.argv)
-    result = b.run_bench(base, config, command=command, model_name=model or "gemma-3-270m (embedded)", log=typer.echo)
+    result = b.run_bench(base, config, command=command, model_name=name, log=typer.echo)
     path = out or Path("results") / f"bench-{torch.device(device).type}.json"
     json_path, png_path = b.write_results(result, path)
     ratio = result["summary"].get("memory_over_base_segments", {}).get("geomean")

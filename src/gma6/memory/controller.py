@@ -137,9 +137,10 @@ class MemoryController(nn.Module):
         """
         cfg = self.config
         if cfg.write_rule == "tokens":
-            # Batched only without autograd: on the CPU it gained nothing under autograd
-            # (benchmarks/tokens_write_ab.py), and the per-layer write is what trained b5 on the GPU.
-            if not return_stats and cfg.read_rule == "base" and not torch.is_grad_enabled():
+            # Batched under autograd too (the same values and gradients): on a launch-bound GPU the per-layer write's
+            # few dozen kernels a layer, three times over in a checkpointed step, were a large part of the memory's
+            # training time; on the CPU the two are within noise (benchmarks/tokens_write_ab.py).
+            if not return_stats and cfg.read_rule == "base":
                 return self._write_tokens_batched(state, hiddens, mask, full), [{} for _ in self.layers]
             return self._write_tokens(state, hiddens, mask, return_stats)
         if not return_stats:
@@ -208,7 +209,7 @@ class MemoryController(nn.Module):
         t, width = stacked.shape[2:]
         k = min(cfg.tokens_per_segment, t)
         eps = self.layers[0].norm_h.eps
-        fused = cfg.triton_write and triton_write.applies(stacked, state.memory)
+        fused = cfg.triton_write and triton_write.applies(stacked, state.memory, w["score_v"])  # no backward
         if fused:  # what padding holds is never gathered (its scores are -inf below)
             h = None
             score = triton_write.token_scores(stacked, w["score_v"], w["score_b"], eps)
