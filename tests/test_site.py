@@ -149,13 +149,15 @@ def _grads_agree(ids, kind):
         assert torch.allclose(grads[0], g, atol=1e-5)
 
 
-def test_under_checkpointing_a_segment_holds_only_its_prepared_slots_until_backward():
-    """Under the base's checkpointing a segment's call lives until backward (the recomputed layers hold it): it
-    keeps every layer's slots prepared at once (keys and values once per key-value head, not repeated over the
-    query groups) but no normed hidden states for the write (which norms the layers' outputs, kept by the
-    checkpoints anyway, in its own recomputation), and autograd saves nothing the memory's code computed outside a
-    recomputation. Without checkpointing the call keeps the hidden states too, which autograd needs there. The
-    gradients are the same either way (``_grads_agree``)."""
+def test_under_checkpointing_a_segment_holds_no_slots_or_hidden_states_until_backward():
+    """Under the base's checkpointing a segment's call lives until backward (the recomputed layers hold it): after
+    its forward it holds neither every layer's slots prepared at once (made again, values only, when its layers are
+    recomputed: ``SlotsAgain``; keys and values once per key-value head, not repeated over the query groups) nor
+    normed hidden states for the write (which norms the layers' outputs, kept by the checkpoints anyway, in its own
+    recomputation), and autograd saves nothing the memory's code computed outside a recomputation. Without
+    checkpointing the call keeps both, which autograd needs there. The gradients are the same either way
+    (``_grads_agree``)."""
+    from gma6.memory.base_read import SlotsAgain
     import traceback
 
     from torch.autograd.graph import saved_tensors_hooks
@@ -187,12 +189,18 @@ def test_under_checkpointing_a_segment_holds_only_its_prepared_slots_until_backw
         finally:
             handle.remove()
         call = calls[0]
-        k = call.site_slots[0][0] if call.site_slots is not None else None
-        held[ckpt] = (k is not None and k.shape[1] == mm.base.config.num_key_value_heads, len(call.hiddens))
+        again = isinstance(call.site_slots, SlotsAgain)
+        held[ckpt] = (again and call.site_slots.held or not again and call.site_slots is not None, len(call.hiddens))
         saved[ckpt] = where
+        if again:
+            made = []
+            call.site_slots._make = (lambda make: lambda: made.append(make()) or made[-1])(call.site_slots._make)
         out.loss.backward()
+        if again:  # made once, for all layers, in the first recomputed layer; none held after
+            assert len(made) == 1 and len(made[0]) == 3 and not call.site_slots.held
+            assert made[0][0][0].shape[1] == mm.base.config.num_key_value_heads
     assert mm.base.config.num_attention_heads > mm.base.config.num_key_value_heads
-    assert held[False] == (True, 3) and held[True] == (True, 0)
+    assert held[False] == (True, 3) and held[True] == (False, 0)
     assert saved[True] == [], saved[True]
 
 
@@ -361,3 +369,33 @@ def test_cuda_graph_read_is_eager_off_cuda_and_needs_the_attention_function():
     with pytest.raises(ValueError, match="cuda_graph_read=True .* attention implementation"):
         attach_memory(base, _config(cuda_graph_read=True))
     assert hook_count(base) == 0
+
+
+def test_a_training_segments_call_is_freed_without_the_cyclic_collector():
+    """A segment's call (which holds the segment's slots, outputs and memory) is freed by reference counting once
+    its step's backward is done: a reference cycle through it would keep every step's calls until Python's cyclic
+    collector ran (GPU memory growing across training steps)."""
+    import gc
+    import weakref
+
+    from gma6.model import _CALL_KWARG
+
+    ids = torch.randint(3, 64, (2, 16), generator=torch.Generator().manual_seed(5))
+    for ckpt in (False, True):
+        mm = _trained(tiny_gemma3(layers=4).float(), gradient_checkpointing=ckpt, read_rank=2)
+        mm.train()
+        refs = []
+        handle = mm._hooked_layers[-1].register_forward_pre_hook(
+            lambda m, a, kw: refs.append(weakref.ref(kw.get(_CALL_KWARG))), with_kwargs=True)
+        gc.collect()
+        gc.disable()
+        try:
+            state = mm(input_ids=ids[:, :8]).memory_state
+            loss = mm(input_ids=ids[:, 8:], memory_state=state, labels=ids[:, 8:]).loss
+            loss.backward()
+            del state, loss
+            alive = [r() is not None for r in refs]
+        finally:
+            gc.enable()
+            handle.remove()
+        assert len(refs) >= 2 and not any(alive), (ckpt, alive)

@@ -23,7 +23,7 @@ from .config import GMA6Config
 from .integration import LayerHooks, find_decoder_layers, find_reading_norms, norm_eps, rms_gain
 from .memory import MemoryController
 from .memory.attention import derived, read_dtype
-from .memory.base_read import BaseAttentionRead, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
+from .memory.base_read import BaseAttentionRead, SlotsAgain, StackedSlots, add_read, add_read_heads, find_rotary, log_usage, rotated_read
 from .memory import triton_read as kernel
 from .memory.graphed import GraphedReads
 from .segment_graph import GraphedCall, ModuleParameters
@@ -61,7 +61,9 @@ class _Call:
     # the call's later forwards (generate's decoding steps) where no graph is built
     site_kv: dict[tuple[int, bool], tuple] | None = field(default_factory=dict)
     # read_site="attention", fused: every layer's slots prepared at once (StackedSlots) and tanh(gate), per layer
-    site_slots: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    site_slots: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | SlotsAgain | None = None
+    # under the base's checkpointing: makes site_slots again (values only) for the layers' recomputation
+    slots_again: Any = None
     # the segment's positions are 0..T-1 for every row (set where _segment makes them so): a graphed read may use
     # fixed rotary tables
     plain_positions: bool = False
@@ -102,6 +104,7 @@ class MemoryModel(MemoryWrapper):
         self._segment_graph: GraphedCall | None = None
         self._parameter_list = ModuleParameters(self)  # for the graph's weights key, listed lazily
         self._site_cache: dict[str, tuple] = {}  # the reads' stacked gates and sinks (``derived``)
+        self._plain_tables: dict[tuple, Any] = {}  # rotary tables of positions 0..T-1 (``plain_tables``)
         try:
             decoder_layers = find_decoder_layers(base)
             # read_rule="base": each memory layer reads through the next layer's attention (a plain list:
@@ -283,7 +286,16 @@ class MemoryModel(MemoryWrapper):
                     raise RuntimeError("gma6: the read's query adapter did not see the q projection's input (the base's "
                                        "attention no longer calls its q_proj module)")
                 embeddings, positions, view, q_pre = got
-                args = (query, slots, view, layer.read_q, read.rotation_tables(query, embeddings, positions, call.rope),
+                # Training, positions 0..T-1 in every row: the tables kept between calls (a step's calls, each kept
+                # until backward, held a (B, T, d) copy each: 32 MiB at 8 x 4k). Not without autograd: a captured
+                # segment graph may read the tables it was recorded with, which dropping here would free.
+                if torch.is_grad_enabled() and call.plain_positions and read.rotary is not None:
+                    if len(self._plain_tables) >= 64:  # segments come in many lengths: the few seen lately
+                        self._plain_tables.clear()
+                    tables = read.plain_tables(query, self._plain_tables)
+                else:
+                    tables = read.rotation_tables(query, embeddings, positions, call.rope)
+                args = (query, slots, view, layer.read_q, tables,
                         None if read.query_after_norm else q_pre)
             args = read.rotated_args(*args)
             q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm = args
@@ -540,6 +552,8 @@ class MemoryModel(MemoryWrapper):
             out = self.base(input_ids=input_ids, attention_mask=base_mask, labels=labels, **kwargs)
         finally:
             self._call = None
+        if call.slots_again is not None:  # the layers' recomputation makes them again (the call lives until then)
+            call.site_slots = SlotsAgain(call.site_slots, call.slots_again)
         new_state, stats, write_loss = state, None, None
         if write:
             if write_targets is not None:
@@ -598,6 +612,11 @@ class MemoryModel(MemoryWrapper):
         # per-layer preparation inside each recomputed layer instead cost ~16 kernels a layer a segment (H200, 8 x
         # 4k, checkpointing: 2.60 against 2.20 s a step, results/session19/train/).
         call.site_slots = self._recomputed(prepare, call.memory, call.log_usage, sinks, in_layer=False)
+        if grad and self._checkpointing():
+            # closing over the tensors, not the call: a cycle through the call would keep every segment's call (and
+            # all it holds) until Python's cyclic collector ran, across training steps
+            memory, bias = call.memory.detach(), call.log_usage.detach()
+            call.slots_again = lambda: prepare(memory, bias, sinks.detach())
 
     def _log_usage(self, state: MemoryState) -> torch.Tensor | None:
         return log_usage(state.usage) if self._base_reads is not None else None
