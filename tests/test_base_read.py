@@ -606,21 +606,29 @@ def test_the_read_adapters_made_under_inference_mode_read_a_half_precision_input
 
 
 def test_the_fused_read_with_grouped_keys_equals_sdpa_with_enable_gqa():
-    """The read repeats the slots' keys over the query groups (a fused kernel takes that with a mask); the
-    result equals PyTorch's own grouped-query attention, gradients of the mask included."""
+    """The read folds the query heads into the tokens over one key-value head, or repeats the slots' keys over the
+    query groups over several (a fused kernel takes either with a mask); the result equals PyTorch's own
+    grouped-query attention, gradients of the queries, keys, values and mask included, and comes out laid as the
+    attention's output (B, T, n, d) where it folded."""
     layer, read, slots, view = _layer_read()
     assert read.groups > 1
     torch.manual_seed(1)
     b, n, t, d = 2, read.attn.config.num_attention_heads, 7, read.head_dim
-    q = torch.randn(b, n, t, d, requires_grad=True)
-    k, v = torch.randn(b, 1, 6, d), torch.randn(b, 1, 6, d)
-    mask = torch.randn(b, 1, 1, 6, requires_grad=True)
-    got = slots_sdpa(q, k, v, mask, read.scaling)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=read.scaling, enable_gqa=True)
-    assert torch.allclose(got, ref, atol=1e-6)
-    g1 = torch.autograd.grad(got.square().sum(), mask)[0]
-    g2 = torch.autograd.grad(ref.square().sum(), mask)[0]
-    assert torch.allclose(g1, g2, atol=1e-5)
+    for kv_heads in (1, 2):
+        q = torch.randn(b, t, n, d).transpose(1, 2).requires_grad_()  # as the base's projection lays its queries
+        k = torch.randn(b, kv_heads, 6, d, requires_grad=True)
+        v = torch.randn(b, kv_heads, 6, d, requires_grad=True)
+        mask = torch.randn(b, 1, 1, 6, requires_grad=True)
+        got = slots_sdpa(q, k, v, mask, read.scaling)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=read.scaling,
+                                                               enable_gqa=True)
+        assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6)
+        if kv_heads == 1:
+            assert got.transpose(1, 2).is_contiguous()
+        g1 = torch.autograd.grad(got.square().sum(), (q, k, v, mask))
+        g2 = torch.autograd.grad(ref.square().sum(), (q, k, v, mask))
+        for a, c in zip(g1, g2):
+            assert torch.allclose(a, c, atol=1e-5)
 
 
 # the attention function's site with a query adapter before the q-norm, none, or one after it

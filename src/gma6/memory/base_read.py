@@ -432,13 +432,22 @@ def rotated_read(
 
 def slots_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
     """The read's one SDPA call: q (B, n, T, d), k and v (B, n or g, S + 1, d), the additive mask (B, 1, 1, S + 1)."""
-    if k.shape[1] != q.shape[1]:  # StackedSlots repeats every layer's at once
+    b, n, t, d = q.shape
+    if k.shape[1] == 1 and n > 1:
+        # One key-value head (Gemma 3): every query head reads the same slots, so the heads fold into the tokens,
+        # (B, 1, T*n, d), a view where the queries lie as the q projection made them (B, T, n, d), and the read comes
+        # out as the attention's output lies (B, T, n, d). Nothing repeated: the repeat below cost two kernels
+        # forward and two in backward at every layer of every segment, which a launch-bound training step pays for.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2).reshape(b, 1, t * n, d), k, v, attn_mask=mask,
+                                             scale=scaling)
+        return out.view(b, t, n, d).transpose(1, 2)
+    if k.shape[1] != n:  # StackedSlots repeats every layer's at once
         # PyTorch's memory-efficient kernel takes an additive mask but not enable_gqa, and flash takes no mask:
         # with both, SDPA falls back to its math path, which upcasts to fp32 and keeps the attention weights
         # for backward (seen in a memory-only training step's saved tensors on the H200). The slots are few,
         # so their keys and values are repeated over the query groups instead (equal results). A mask that
         # needs a gradient keeps the math path on the CPU all the same.
-        groups = q.shape[1] // k.shape[1]
+        groups = n // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
 
