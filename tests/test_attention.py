@@ -42,3 +42,67 @@ def test_half_weights_follow_parameter_changes():
         gate.out.weight.mul_(-1.0)  # in place, as an optimizer step
         after, _ = gate(h, memory)
     torch.testing.assert_close(after, -before)
+
+
+def test_derived_under_autograd_is_made_once_a_step_and_again_after_a_backward_reaches_it():
+    """Under autograd ``derived`` keeps what it made (with its graph) until a backward reaches it or a parameter
+    changes: segments of one step share it, gradients are those of making it afresh each time, a second step
+    (gradient accumulation, no optimizer step) makes it again (the first backward freed its graph), and an optimizer
+    step or no_grad changes what is returned as they should."""
+    from gma6.memory.attention import derived
+
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    made = []
+
+    def make():
+        made.append(1)
+        return {"sq": w * w, "t": w.t()}  # the product saves its inputs for backward
+
+    cache: dict = {}
+    xs = [torch.randn(4, 3) for _ in range(3)]
+
+    def step(use_cache: bool) -> torch.Tensor:
+        loss = 0.0
+        for x in xs:  # three "segments"
+            got = derived(cache, "w", [w], make) if use_cache else make()
+            loss = loss + (got["sq"] * x.t()).sum() + (got["t"] * x).sum()
+        loss.backward()
+        return w.grad.clone()
+
+    ref = step(False)
+    w.grad = None
+    made.clear()
+    assert torch.allclose(step(True), ref) and len(made) == 1
+    assert torch.allclose(step(True), 2 * ref) and len(made) == 2  # accumulated: made again, no freed graph reused
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step
+    w.grad = None
+    got = derived(cache, "w", [w], make)
+    assert torch.equal(got["sq"], w * w) and len(made) == 3
+    with torch.no_grad():
+        assert derived(cache, "w", [w], make)["sq"].grad_fn is None and len(made) == 4
+
+
+def test_derived_under_autograd_inside_a_checkpoint_keeps_the_recomputation_consistent():
+    """Made inside a checkpointed function (a read's query adapter casts its weights there), what is kept saves its
+    own tensors: the recomputation, which finds it made, saves what the forward saved, and the gradients are those of
+    making it afresh."""
+    import torch.utils.checkpoint as ckpt
+
+    from gma6.memory.attention import derived
+
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    cache: dict = {}
+
+    def fn(x: torch.Tensor, use_cache: bool) -> torch.Tensor:
+        sq = derived(cache, "w", [w], lambda: w * w) if use_cache else w * w
+        return (x @ sq).tanh()
+
+    xs = [torch.randn(2, 4, requires_grad=True) for _ in range(3)]
+    grads = []
+    for use_cache in (False, True):
+        w.grad = None
+        loss = sum(ckpt.checkpoint(fn, x, use_cache, use_reentrant=False).sum() for x in xs)
+        loss.backward()
+        grads.append(w.grad.clone())
+    assert torch.allclose(grads[0], grads[1])

@@ -399,3 +399,32 @@ def test_a_training_segments_call_is_freed_without_the_cyclic_collector():
             gc.enable()
             handle.remove()
         assert len(refs) >= 2 and not any(alive), (ckpt, alive)
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_training_with_stacks_and_casts_kept_for_the_step_gives_the_gradients_of_making_them_afresh(ckpt, monkeypatch):
+    """The memory's stacked and cast weights are made once a training step (``derived`` under autograd): over three
+    segments, with and without the base's checkpointing, the gradients equal those of making them at every use,
+    each over two forwards and backwards without an optimizer step (gradient accumulation: the first backward frees
+    what was kept, and the second makes it again)."""
+    import gma6.memory.attention as attention
+
+    ids = torch.randint(3, 64, (2, 24), generator=torch.Generator().manual_seed(6))
+
+    def grads() -> torch.Tensor:
+        mm.zero_grad(set_to_none=True)
+        for _ in range(2):
+            state = mm.init_state(2)
+            loss = 0.0
+            for s in range(0, 24, 8):
+                out = mm(input_ids=ids[:, s:s + 8], memory_state=state, labels=ids[:, s:s + 8])
+                state, loss = out.memory_state, loss + out.loss
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in mm.controller.parameters() if p.grad is not None])
+
+    mm = _trained(tiny_gemma3(layers=4).float(), gradient_checkpointing=ckpt, read_rank=2)
+    mm.train()
+    kept = grads()
+    monkeypatch.setattr(attention, "_kept_until_backward", lambda cache, name, params, make: make())
+    fresh = grads()
+    assert kept.abs().max() > 0 and torch.allclose(kept, fresh, atol=1e-6)

@@ -31,20 +31,69 @@ def version_key(params: list[torch.Tensor]) -> tuple | None:
         raise
 
 
-def derived(cache: dict, name: str, params: list[torch.Tensor], make: Callable[[], Any]) -> Any:
+def derived(cache: dict, name: Any, params: list[torch.Tensor], make: Callable[[], Any]) -> Any:
     """``make()`` (tensors derived from ``params``: stacks, casts), kept in ``cache`` under ``name`` until one of
-    ``params`` changes (``version_key``); made afresh wherever no key applies (autograd, inference tensors). Why:
-    each stack or cast is a kernel a segment, which a launch-bound GPU, or a replayed one, pays for."""
+    ``params`` changes (``version_key``). Why: each stack or cast is a kernel a segment, which a launch-bound GPU,
+    or a replayed one, pays for.
+
+    Under autograd what it made, and its graph, is kept until a backward reaches it (a hook on its tensors) or a
+    parameter changes: a training step's segments share one stack or cast and its backward runs once a step, not
+    once a segment (its gradient then summed by autograd; before, the gradient of every parameter was added up
+    segment by segment, a kernel each). A backward frees the saved tensors of what it ran through, so what one
+    reached is made afresh. Inference tensors (no version counter) are never kept."""
     key = version_key(params)
     got = cache.get(name)
-    if key is not None and got is not None and got[0] == key:
-        return got[1]
-    value = make()
     if key is not None:
+        if got is not None and got[0] == key:
+            return got[1]
+        value = make()
         cache[name] = (key, value)
-    else:
+        return value
+    if torch.is_grad_enabled():
+        return _kept_until_backward(cache, name, params, make)
+    cache.pop(name, None)
+    return make()
+
+
+def _kept_until_backward(cache: dict, name: Any, params: list[torch.Tensor], make: Callable[[], Any]) -> Any:
+    try:
+        key = ("autograd", tuple((id(p), p._version, p.data_ptr(), p.dtype, p.requires_grad) for p in params))
+    except RuntimeError:  # an inference tensor: no version to key on
+        key = None
+    got = cache.get(name)
+    if key is not None and got is not None and got[0] == key and got[2][0]:
+        return got[1]
+    # What its making saves for backward is kept by its own graph, never by an enclosing checkpoint's recomputation
+    # (a later call, or the recomputation itself, finds it made: the checkpoint's count of saved tensors would differ)
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        value = make()
+    tensors = [t for t in _tensors(value) if t.requires_grad]
+    if key is None or not tensors:
         cache.pop(name, None)
+        return value
+    live = [True]
+
+    def reached(_grad: torch.Tensor) -> None:
+        live[0] = False
+
+    for t in tensors:
+        t.register_hook(reached)
+    cache[name] = (key, value, live)
     return value
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def read_dtype(h_dtype: torch.dtype, param_dtype: torch.dtype, return_stats: bool = False) -> torch.dtype:

@@ -14,7 +14,7 @@ from torch import nn
 from ..config import GMA6Config
 from ..state import MemoryState
 from . import triton_write
-from .attention import version_key
+from .attention import derived
 from .layer import EnhancedMemoryLayer
 
 
@@ -264,15 +264,14 @@ class MemoryController(nn.Module):
     def _stacked(self, group: str) -> dict[str, torch.Tensor]:
         """Every layer's weights of ``group`` ("read" or "write") stacked on a leading L axis.
 
-        Without autograd the stack is cached until a parameter changes (optimizer steps and
-        ``load_state_dict`` bump parameter versions): per segment it would cost a few dozen kernel
-        launches, which dominate where small batches are launch-bound. With autograd it is rebuilt
-        on every call, so gradients reach each layer's own parameters.
+        Kept until a parameter changes (optimizer steps and ``load_state_dict`` bump parameter versions) and,
+        under autograd, until a backward reaches it (``derived``): per segment it would cost a few dozen kernel
+        launches, which dominate where small batches are launch-bound.
         """
-        key = version_key([m._parameters[name] for m, name in self._param_slots])
-        cached = self._stack_cache.get(group)
-        if key is not None and cached is not None and cached[0] == key:
-            return cached[1]
+        return derived(self._stack_cache, group, [m._parameters[name] for m, name in self._param_slots],
+                       lambda: self._stack(group))
+
+    def _stack(self, group: str) -> dict[str, torch.Tensor]:
         layers = self.layers
 
         def stack(get) -> torch.Tensor:
@@ -303,10 +302,6 @@ class MemoryController(nn.Module):
                 "gates_b": torch.cat([stack(lambda m: m.input_gate.bias), stack(lambda m: m.forget_gate.bias)], 1
                                      )[:, None, None],
             }
-        if key is not None:
-            self._stack_cache[group] = (key, w)
-        else:
-            self._stack_cache.pop(group, None)
         return w
 
     def selection_loss(self, hiddens: list[torch.Tensor], mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

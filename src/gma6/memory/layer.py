@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import MemoryAttentionGate, merge_heads, split_heads
+from .attention import MemoryAttentionGate, derived, merge_heads, split_heads
 
 
 class LowRank(nn.Module):
@@ -34,20 +34,14 @@ class LowRank(nn.Module):
         return self._weight(self.down, dtype), self._weight(self.up, dtype)
 
     def _weight(self, linear: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
-        """``linear``'s weight in ``dtype``; without autograd the cast is kept until the weight changes (a cast is a
-        kernel launch at every memory layer of every segment, what a launch-bound GPU pays for)."""
+        """``linear``'s weight in ``dtype``, the cast kept until the weight changes (``derived``; under autograd until a
+        backward reaches it): a cast is a kernel launch at every memory layer of every segment, what a launch-bound
+        GPU pays for."""
         w = linear.weight
-        # An inference tensor (an adapter loaded under ``torch.inference_mode``, as ``evaluate`` does) has no version
-        # counter, so a change in place could not be seen: cast it afresh.
-        if w.dtype == dtype or torch.is_grad_enabled() or w.is_inference():
-            return w.to(dtype)
-        key = (dtype, w.device, w.data_ptr(), w._version)
+        if w.dtype == dtype:
+            return w
         cache = self.__dict__.setdefault("_casts", {})  # not a buffer: never saved, never moved
-        got = cache.get(id(linear))
-        if got is None or got[0] != key:
-            got = (key, w.detach().to(dtype))
-            cache[id(linear)] = got
-        return got[1]
+        return derived(cache, (id(linear), dtype, w.device), [w], lambda: w.to(dtype))
 
 
 class EnhancedMemoryLayer(nn.Module):
