@@ -6,11 +6,10 @@ Dimensions: B batch, T tokens of a segment, L memory layers, S slots, D slot wid
 from __future__ import annotations
 
 import functools
-
 import inspect
 import os
 from dataclasses import dataclass, field
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, NamedTuple
 
@@ -63,7 +62,7 @@ class _Call:
     # read_site="attention", fused: every layer's slots prepared at once (StackedSlots) and tanh(gate), per layer
     site_slots: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | SlotsAgain | None = None
     # under the base's checkpointing: makes site_slots again (values only) for the layers' recomputation
-    slots_again: Any = None
+    slots_again: Callable[[], list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
     # the segment's positions are 0..T-1 for every row (set where _segment makes them so): a graphed read may use
     # fixed rotary tables
     plain_positions: bool = False
@@ -605,7 +604,8 @@ class MemoryModel(MemoryWrapper):
             v_adapters=[m.read_v for m in layers] if adapters else None, cache=call.rope, rotated=self._sites is not None,
             stage=None if self._graphed is None else self._graphed.stage,
             # Under autograd the slots stay until backward (a segment's reads, recomputed or not, use them): kept
-            # once per query group, not repeated over the groups (4x on Gemma 3); each read repeats its own.
+            # once per key-value head, not repeated over the query groups (4x on Gemma 3); each read folds its
+            # query heads into the tokens or repeats its own (``slots_sdpa``).
             repeat=not self.config.triton_read and not grad)
         # Under autograd its intermediates are recomputed in backward (in_layer=False: the base's checkpointing
         # never covers it): kept, every segment's would stay until backward (~1 GiB at 8 x 4k on the 270M); the
