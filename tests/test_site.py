@@ -428,3 +428,28 @@ def test_training_with_stacks_and_casts_kept_for_the_step_gives_the_gradients_of
     monkeypatch.setattr(attention, "_kept_until_backward", lambda cache, name, params, make: make())
     fresh = grads()
     assert kept.abs().max() > 0 and torch.allclose(kept, fresh, atol=1e-6)
+
+
+def test_the_checkpointed_write_norms_every_layer_at_once_as_the_base_would():
+    """Under the base's checkpointing the write norms the memory layers' outputs itself: where every reading norm
+    folds into an RMSNorm (Gemma's ``1 + w``), in one fused rms_norm over all layers — the same state as each
+    layer's own norm module within fp32 rounding."""
+    torch.manual_seed(7)
+    base = tiny_gemma3(layers=4).float()
+    with torch.no_grad():  # gains of their own (before attaching: the base is frozen while attached)
+        for layer in base.model.layers:
+            layer.input_layernorm.weight.add_(0.5 * torch.randn_like(layer.input_layernorm.weight))
+    mm = _trained(base, gradient_checkpointing=True, read_rank=2)
+    assert all(isinstance(e, float) for e in mm._fold_eps) and len(mm._reading_norms) > 1
+    h = mm.base.config.hidden_size
+    outputs = [torch.randn(2, 8, h) * (i + 1) for i in range(len(mm._reading_norms))]
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    state = mm.init_state(2)
+    fused, _ = mm._write_outputs(state, outputs, mask, True)
+    eps, mm._fold_eps = mm._fold_eps, [None] * len(mm._fold_eps)  # each by its own module
+    try:
+        own, _ = mm._write_outputs(state, outputs, mask, True)
+    finally:
+        mm._fold_eps = eps
+    assert torch.allclose(fused.memory, own.memory, atol=1e-5) and torch.equal(fused.usage > 0, own.usage > 0)
+    assert torch.allclose(fused.usage, own.usage, atol=1e-5)
