@@ -430,10 +430,10 @@ def test_training_with_stacks_and_casts_kept_for_the_step_gives_the_gradients_of
     assert kept.abs().max() > 0 and torch.allclose(kept, fresh, atol=1e-6)
 
 
-def test_the_checkpointed_write_norms_every_layer_at_once_as_the_base_would():
-    """Under the base's checkpointing the write norms the memory layers' outputs itself: where every reading norm
-    folds into an RMSNorm (Gemma's ``1 + w``), in one fused rms_norm over all layers — the same state as each
-    layer's own norm module within fp32 rounding."""
+def test_the_checkpointed_write_norms_each_layer_in_one_fused_kernel_as_the_base_would():
+    """Under the base's checkpointing the write norms the memory layers' outputs itself: where a reading norm folds
+    into an RMSNorm (Gemma's ``1 + w``), as one fused rms_norm with its gain — the same state as each layer's own
+    norm module within fp32 rounding."""
     torch.manual_seed(7)
     base = tiny_gemma3(layers=4).float()
     with torch.no_grad():  # gains of their own (before attaching: the base is frozen while attached)
