@@ -8,7 +8,7 @@ from conftest import tiny_gemma3
 
 from gma6 import GMA6Config
 from gma6.integration import hook_count
-from gma6.memory.base_read import BaseAttentionRead, StackedSlots, add_read, find_rotary, log_usage, slots_sdpa
+from gma6.memory.base_read import BaseAttentionRead, add_read, find_rotary, log_usage, slots_sdpa
 from gma6.model import MemoryModel, attach_memory
 
 

@@ -474,7 +474,7 @@ def _train_rows(
         try:
             for _ in range(config.train_warmup):
                 step()  # untimed; allocates AdamW's state
-            best, peak_gib, extra_gib, method = math.inf, None, None, None
+            best, peak_gib, extra_gib = math.inf, None, None
             for _ in range(config.train_steps):
                 seconds, peak = _measure(step, device)
                 best = min(best, seconds)
