@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Time of the memory-only training step under the base's checkpointing with the slots prepared per layer inside
-the recomputed layers (the library's way since session 19: nothing kept until backward) against all layers at
-once before the forward (``StackedSlots``, the way before: ~1 GiB more at 8 x 4k on the 270M), alternating steps.
+"""Time of the memory-only training step under the base's checkpointing with the slots prepared for all layers at
+once before the forward (``StackedSlots``, recomputed in backward and made again there: the library's way since
+session 20) against each layer preparing its own inside the recomputed layers (session 19's way), alternating steps.
 
     python benchmarks/train_prepare_ab.py [--model M | --shape benchmarks/gemma3-270m-config.json] [--adapter DIR]
         [--batch 8] [--context 4096] [--segment 512] [--positions 32] [--steps 4] [--out F]
@@ -30,17 +30,11 @@ def main() -> None:
     steps = TrainSteps(args)
     mm, dev = steps.mm, steps.device
     params = list(mm.memory_parameters())
-    prepare, checkpointing = MemoryModel._prepare_site, MemoryModel._checkpointing
+    prepare = MemoryModel._prepare_site
     mode = {"stacked": False}
 
-    def prepare_site(self, call, batch):  # "stacked": _prepare_site as before session 19 (it ignored checkpointing)
-        if not mode["stacked"]:
-            return prepare(self, call, batch)
-        MemoryModel._checkpointing = lambda self, slot=None: False
-        try:
-            return prepare(self, call, batch)
-        finally:
-            MemoryModel._checkpointing = checkpointing
+    def prepare_site(self, call, batch):  # "per_layer": nothing prepared here, as session 19 did under checkpointing
+        return prepare(self, call, batch) if mode["stacked"] else None
 
     MemoryModel._prepare_site = prepare_site
 

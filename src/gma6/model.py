@@ -350,14 +350,7 @@ class MemoryModel(MemoryWrapper):
         if self._base_reads is not None:
             layer = self.controller.layers[slot]
             bias, positions, rope = kv  # _BaseReadInputs
-            eps = self._fold_eps[slot]
-            if isinstance(eps, float):
-                # the next layer's input norm exactly, as one fused kernel in fp32 (the base's own RMSNorm
-                # is several kernels, at every memory layer of every segment)
-                view = F.rms_norm(hidden.float(), (hidden.shape[-1],), self._gain(slot, hidden.device, torch.float32),
-                                  eps).to(hidden.dtype)
-            else:
-                view = norm(hidden)
+            view = self._reading_norm(slot, hidden)
             delta, stats = self._base_reads[slot](view, memory, bias, positions, layer.base_gate, layer.sink,
                                                   return_stats, layer.read_q, layer.read_k, rope, layer.read_v)
             new = hidden + delta.to(hidden.dtype)
@@ -430,15 +423,17 @@ class MemoryModel(MemoryWrapper):
         layer, paid again in the write's recomputation and more in its backward, at every memory layer of every
         segment of a checkpointed training step. Layer by layer, not all at once: stacked, the fp32 copies of every
         layer's output raised the step's peak (H100, 8 x 4k: 3.68 -> 3.76 GiB)."""
-        hiddens = []
-        for slot, (norm, o) in enumerate(zip(self._reading_norms, outputs)):
-            eps = self._fold_eps[slot]
-            if isinstance(eps, float):
-                o = F.rms_norm(o.float(), (o.shape[-1],), self._gain(slot, o.device, torch.float32), eps).to(o.dtype)
-            elif norm is not None:
-                o = norm(o)
-            hiddens.append(o)
+        hiddens = [self._reading_norm(slot, o) for slot, o in enumerate(outputs)]
         return self.controller.write(state, hiddens, mask, False, full)
+
+    def _reading_norm(self, slot: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through memory layer ``slot``'s reading norm (the next layer's input norm): where it folds into an
+        RMSNorm, one fused fp32 kernel with its gain (the base's own is several kernels, at every memory layer of
+        every segment), else the module itself (none: ``x``)."""
+        eps, norm = self._fold_eps[slot], self._reading_norms[slot]
+        if isinstance(eps, float):
+            return F.rms_norm(x.float(), (x.shape[-1],), self._gain(slot, x.device, torch.float32), eps).to(x.dtype)
+        return norm(x) if norm is not None else x
 
     # ------------------------------------------------------------------ forward
     def forward(
