@@ -56,8 +56,18 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
     kw = dict(view=r(batch, tokens, h), down=r(rank, h) / 25, up=r(n * d, rank) / 3, tables=tables,
               q_pre=r(batch, tokens, n * d), gain=1 + torch.rand(d, device="cuda"), eps=1e-6)
     out, gate = r(batch, tokens, n, d), torch.tanh(r(n * d))
+    empty = mask.clone()
+    empty[..., :-1] = float("-inf")  # nothing written but the sink: a fresh state's first segment
+    spare = out.clone()  # what the in-place calls add into (again and again when timed: only its values change)
     calls = {"eager": lambda: add_read_heads(out, rotated_read(q, k, v, mask, 0.0625, **kw), gate),
-             "triton": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate, zero_sink=True)}
+             "triton": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=out, gate=gate, zero_sink=True),
+             "triton_in_place": lambda: kernel.triton_read(q, k, v, mask, 0.0625, **kw, out=spare, gate=gate,
+                                                           zero_sink=True, in_place=True),  # as the model calls it
+             "triton_empty": lambda: kernel.triton_read(q, k, v, empty, 0.0625, **kw, out=out, gate=gate,
+                                                        zero_sink=True),
+             "triton_empty_in_place": lambda: kernel.triton_read(q, k, v, empty, 0.0625, **kw, out=spare, gate=gate,
+                                                                 zero_sink=True, in_place=True),
+             "copy_out": lambda: out.clone()}
 
     def gpu_us(fn) -> float:
         for _ in range(3):
@@ -88,6 +98,13 @@ def _kernel_times(batch: int, tokens: int, sweep: bool) -> dict:
     result: dict = {}
     with torch.no_grad():
         result["max_abs_diff"] = (calls["triton"]().float() - calls["eager"]().float()).abs().max().item()
+        spare.copy_(out)
+        result["in_place_max_abs_diff"] = (calls["triton_in_place"]().float() - calls["eager"]().float()).abs().max().item()
+        eager_empty = add_read_heads(out, rotated_read(q, k, v, empty, 0.0625, **kw), gate)
+        result["empty_reads_out_unchanged"] = {
+            "eager": torch.equal(eager_empty, out), "triton": torch.equal(calls["triton_empty"](), out),
+            "triton_in_place": torch.equal(kernel.triton_read(q, k, v, empty, 0.0625, **kw, out=out.clone(), gate=gate,
+                                                              zero_sink=True, in_place=True), out)}
         for name, fn in calls.items():
             result[name] = {"gpu_us": gpu_us(fn), "host_us": host_us(fn)}
         if sweep:

@@ -102,6 +102,38 @@ def test_a_zero_sink_folded_into_the_softmax_reads_as_a_slot(interpreted, sink):
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
+def test_a_row_whose_slots_are_all_empty_reads_zero_and_in_place_is_left_as_it_was(interpreted):
+    """``zero_sink``: a row with nothing written but the sink (a fresh state's first segment) reads exactly zero, as
+    the eager read does; a row whose one written slot sits in the second block of slots still reads it. ``in_place``:
+    the sum lands in ``out`` itself, and an empty row's programs write nothing there (a NaN gate, which any write
+    would spread, leaves it finite)."""
+    q, k, v, mask, kw, out, gate = _read_args(torch.float32, "before_norm", batch=3, slots=65)
+    k[:, :, -1], v[:, :, -1], mask[..., -1] = 0.0, 0.0, 0.3
+    mask[0, ..., :-1] = -float("inf")  # nothing written
+    mask[1, ..., :50] = -float("inf")
+    mask[1, ..., 51:-1] = -float("inf")  # slot 50 alone
+    groups = q.shape[1] // k.shape[1]
+    want = rotated_read(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), mask, 0.1, **kw)
+    assert torch.equal(want[0], torch.zeros_like(want[0])) and want[1].abs().min() > 0
+    kernel.LAUNCH["block_s"], chosen = 32, kernel.LAUNCH["block_s"]  # the 64 slots before the sink: two blocks
+    try:
+        got = kernel.triton_read(q, k, v, mask, 0.1, **kw, zero_sink=True)
+        added = out.clone()
+        res = kernel.triton_read(q, k, v, mask, 0.1, **kw, out=added, gate=gate, zero_sink=True, in_place=True)
+        nan_gate = out.clone()
+        kernel.triton_read(q, k, v, mask, 0.1, **kw, out=nan_gate, gate=torch.full_like(gate, float("nan")),
+                           zero_sink=True, in_place=True)
+    finally:
+        kernel.LAUNCH["block_s"] = chosen
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    assert res.data_ptr() == added.data_ptr()
+    torch.testing.assert_close(added, add_read_heads(out, want, gate), atol=2e-6, rtol=1e-5)
+    assert torch.equal(nan_gate[0], out[0]) and nan_gate[1:].isnan().all()
+    with pytest.raises(ValueError, match="in_place=True adds the read into out, and no out was given"):
+        kernel.triton_read(q, k, v, mask, 0.1, **kw, zero_sink=True, in_place=True)
+
+
 def test_what_the_kernel_refuses(compiled_only):
     q, k, v, mask, kw, out, gate = _read_args(torch.float32, "before_norm")
     assert "not CUDA" in kernel.unsupported(q, k, v, mask, 0.1, **kw)  # no interpreter here: CPU tensors are refused
@@ -116,6 +148,8 @@ def test_what_the_kernel_refuses_where_it_could_run(interpreted):
     assert "gradients" in kernel.unsupported(q, k, v, mask, 0.1, **{**kw, "up": up})
     with torch.no_grad():
         assert kernel.unsupported(q, k, v, mask, 0.1, **{**kw, "up": up}) is None
+    # the sum it would add into: the kernel's result carries no gradient back to it
+    assert "gradients" in kernel.unsupported(q, k, v, mask, 0.1, **kw, out=torch.zeros(1, requires_grad=True))
     assert "does not fold" in kernel.unsupported(q, k, v, mask, 0.1, **{**kw, "gain": None, "norm": torch.nn.Identity()})
     q48 = q[..., :48]
     assert "head size 48" in kernel.unsupported(q48, k[..., :48], v[..., :48], mask, 0.1)

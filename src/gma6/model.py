@@ -298,7 +298,7 @@ class MemoryModel(MemoryWrapper):
                         None if read.query_after_norm else q_pre)
             args = read.rotated_args(*args)
             q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm = args
-            fits = self.config.triton_read and kernel.unsupported(*args) is None
+            fits = self.config.triton_read and kernel.unsupported(*args, out=out, gate=gate) is None
             graphed = self._graphed
             if (graphed is not None and call.plain_positions and query.is_cuda and norm is None
                     and not torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and graphed.staged(k)
@@ -308,8 +308,9 @@ class MemoryModel(MemoryWrapper):
                 return add_read_heads(out, graphed.read(slot, q, k, v, mask, scaling, view, down, up, tables, q_pre,
                                                         gain, eps), gate)
             if fits:
-                # the slots come from prepare_slots / StackedSlots: their last is the zero sink
-                return kernel.triton_read(*args, out=out, gate=gate, checked=True, zero_sink=True)
+                # the slots come from prepare_slots / StackedSlots: their last is the zero sink; in place, as ``out``
+                # is the attention function's own result and nothing here needs gradients (``fits``)
+                return kernel.triton_read(*args, out=out, gate=gate, checked=True, zero_sink=True, in_place=True)
             return add_read_heads(out, self._recomputed(rotated_read, *args), gate)
 
         return site

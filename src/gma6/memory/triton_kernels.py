@@ -36,26 +36,12 @@ def store_read(read, cols, out_ptr, res_ptr, gate_ptr, b, h, t, rows, T, n_heads
 
 
 @triton.jit
-def read_kernel(
-    out_ptr, res_ptr, q_ptr, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, gate_ptr,
-    q_sb, q_sn, q_st, T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
-    D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
-    ROTATE: tl.constexpr, HAS_OUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    ZERO_SINK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    # Layouts (contiguous unless strides are given): q (B, n, T, D) with strides q_sb, q_sn, q_st (its last dense;
-    # read in modes 0 and 1 only); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin (B or 1, T, D); k, v
-    # (B, n/group, S1, D); mask (B or 1, S1), its rows s_mb apart; out (B, T, n, D); the result as out, or
-    # (B, n, T, D) without it. MODE 0: the base's finished queries; 1: plus the adapter's change rotated alone
-    # (after the q-norm); 2: the q projection's output plus the change, normed and rotated (before it).
+def build_query(q_at, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, b, h, t, rows, T, n_heads, s_cb, eps,
+                D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
+                ROTATE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # the query's two halves (RoPE pairs column i with i + D/2), fp32 (BLOCK_T, D/2) each; MODE as in read_kernel
     HALF: tl.constexpr = D // 2
-    b = tl.program_id(1) // n_heads
-    h = tl.program_id(1) % n_heads
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rows = t < T
     c = tl.arange(0, HALF)
-    q_at = q_ptr + b * q_sb + h * q_sn + t[:, None] * q_st + c[None, :]
-    # RoPE pairs column i with i + D/2, so the query is built in two halves
     if MODE == 0:
         x1 = tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)
         x2 = tl.load(q_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
@@ -88,42 +74,83 @@ def read_kernel(
         if MODE == 1:
             x1 += tl.load(q_at, mask=rows[:, None], other=0.0).to(tl.float32)
             x2 += tl.load(q_at + HALF, mask=rows[:, None], other=0.0).to(tl.float32)
-    # the query in the slots' dtype, as the eager read hands it to SDPA
-    q1 = x1.to(k_ptr.dtype.element_ty)
-    q2 = x2.to(k_ptr.dtype.element_ty)
-    if UPCAST:  # the interpreter's dot is wrong for 16-bit operands
-        q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
+    return x1, x2
+
+
+@triton.jit
+def read_kernel(
+    out_ptr, res_ptr, q_ptr, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, mask_ptr, gate_ptr,
+    q_sb, q_sn, q_st, T, S1, n_heads, group, s_cb, s_mb, scaling, eps,
+    D: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr, NORM: tl.constexpr,
+    ROTATE: tl.constexpr, HAS_OUT: tl.constexpr, IN_PLACE: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr, ZERO_SINK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # Layouts (contiguous unless strides are given): q (B, n, T, D) with strides q_sb, q_sn, q_st (its last dense;
+    # read in modes 0 and 1 only); q_pre (B, T, n*D); low (B, T, R); up (n*D, R); cos, sin (B or 1, T, D); k, v
+    # (B, n/group, S1, D); mask (B or 1, S1), its rows s_mb apart; out (B, T, n, D); the result as out (res_ptr is
+    # out_ptr where IN_PLACE), or (B, n, T, D) without it. MODE 0: the base's finished queries; 1: plus the
+    # adapter's change rotated alone (after the q-norm); 2: the q projection's output plus the change, normed and
+    # rotated (before it).
+    b = tl.program_id(1) // n_heads
+    h = tl.program_id(1) % n_heads
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = t < T
+    dd = tl.arange(0, D)
+    q_at = q_ptr + b * q_sb + h * q_sn + t[:, None] * q_st + tl.arange(0, D // 2)[None, :]
     kv = (b * (n_heads // group) + h // group) * S1
     if ZERO_SINK:
         # The last slot is the sink, a zero key and value: its score is its bias alone and it adds nothing to the
         # read, only to the softmax's sum, so it starts the sums instead of taking a step of its own (128 slots +
         # the sink were three steps of 64, the last with one live slot).
         sink = tl.load(mask_ptr + b * s_mb + S1 - 1).to(tl.float32)
-        m0 = tl.maximum(sink, -1.0e30)
-        m_i = tl.zeros((BLOCK_T,), tl.float32) + m0
-        l_i = tl.zeros((BLOCK_T,), tl.float32) + tl.exp(sink - m0)
         s_end = S1 - 1
+        # A row whose slots were never written (all biases -inf: a fresh state's first segment) has only the sink
+        # to attend to, whose value is zero: its read is exactly zero, so its program builds no query and reads no
+        # slot (in place, it writes nothing either).
+        top = tl.max(tl.load(mask_ptr + b * s_mb + tl.arange(0, BLOCK_S), mask=tl.arange(0, BLOCK_S) < s_end,
+                             other=float("-inf")).to(tl.float32), axis=0)
+        for s0 in range(BLOCK_S, s_end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            top = tl.maximum(top, tl.max(tl.load(mask_ptr + b * s_mb + s, mask=s < s_end, other=float("-inf"))
+                                         .to(tl.float32), axis=0))
+        filled = top > float("-inf")
     else:
-        m_i = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # finite: a step whose slots are all masked adds nothing
-        l_i = tl.zeros((BLOCK_T,), tl.float32)
         s_end = S1
-    # one pass with an online softmax, the whole (BLOCK_T, D) accumulator held (a two-pass variant holding a half or a
-    # quarter of it, the softmax's sums first, was slower on the H200: results/session17/kernel/)
-    dd = tl.arange(0, D)
-    acc = tl.zeros((BLOCK_T, D), tl.float32)
-    for s0 in range(0, s_end, BLOCK_S):
-        scores, s, live = slot_scores(q1, q2, k_ptr, mask_ptr, kv, b * s_mb, s0, s_end, scaling, D, BLOCK_S, UPCAST,
-                                      PRECISION)
-        vv = tl.load(v_ptr + (kv + s[:, None]) * D + dd[None, :], mask=live[:, None], other=0.0)
-        if UPCAST:
-            vv = vv.to(tl.float32)
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
-        m_i = m_new
-    store_read(acc / l_i[:, None], dd, out_ptr, res_ptr, gate_ptr, b, h, t, rows, T, n_heads, D, HAS_OUT)
+        filled = S1 > 0
+    if filled:
+        x1, x2 = build_query(q_at, pre_ptr, low_ptr, up_ptr, gain_ptr, cos_ptr, sin_ptr, b, h, t, rows, T, n_heads,
+                             s_cb, eps, D, R, RP, MODE, NORM, ROTATE, UPCAST, PRECISION)
+        # the query in the slots' dtype, as the eager read hands it to SDPA
+        q1 = x1.to(k_ptr.dtype.element_ty)
+        q2 = x2.to(k_ptr.dtype.element_ty)
+        if UPCAST:  # the interpreter's dot is wrong for 16-bit operands
+            q1, q2 = q1.to(tl.float32), q2.to(tl.float32)
+        if ZERO_SINK:
+            m0 = tl.maximum(sink, -1.0e30)
+            m_i = tl.zeros((BLOCK_T,), tl.float32) + m0
+            l_i = tl.zeros((BLOCK_T,), tl.float32) + tl.exp(sink - m0)
+        else:
+            m_i = tl.full((BLOCK_T,), -1.0e30, tl.float32)  # finite: a step whose slots are all masked adds nothing
+            l_i = tl.zeros((BLOCK_T,), tl.float32)
+        # one pass with an online softmax, the whole (BLOCK_T, D) accumulator held (a two-pass variant holding a half
+        # or a quarter of it, the softmax's sums first, was slower on the H200: results/session17/kernel/)
+        acc = tl.zeros((BLOCK_T, D), tl.float32)
+        for s0 in range(0, s_end, BLOCK_S):
+            scores, s, live = slot_scores(q1, q2, k_ptr, mask_ptr, kv, b * s_mb, s0, s_end, scaling, D, BLOCK_S,
+                                          UPCAST, PRECISION)
+            vv = tl.load(v_ptr + (kv + s[:, None]) * D + dd[None, :], mask=live[:, None], other=0.0)
+            if UPCAST:
+                vv = vv.to(tl.float32)
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PRECISION)
+            m_i = m_new
+        store_read(acc / l_i[:, None], dd, out_ptr, res_ptr, gate_ptr, b, h, t, rows, T, n_heads, D, HAS_OUT)
+    elif not IN_PLACE:
+        store_read(tl.zeros((BLOCK_T, D), tl.float32), dd, out_ptr, res_ptr, gate_ptr, b, h, t, rows, T, n_heads, D,
+                   HAS_OUT)
 
 
 @triton.jit

@@ -49,14 +49,17 @@ def unsupported(
     view: torch.Tensor | None = None, down: torch.Tensor | None = None, up: torch.Tensor | None = None,
     tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
     gain: torch.Tensor | None = None, eps: float = 0.0, norm: object | None = None,
+    out: torch.Tensor | None = None, gate: torch.Tensor | None = None,
 ) -> str | None:
-    """Why the kernel cannot take this read (``rotated_read``'s arguments; None: it can): the eager read then runs."""
+    """Why the kernel cannot take this read (``rotated_read``'s arguments, and ``triton_read``'s ``out`` and
+    ``gate`` where given; None: it can): the eager read then runs."""
     if not available():
         return "triton is not installed"
     if not (q.is_cuda or interpreting()):
         return f"the read runs on {q.device.type}, not CUDA"
     if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, mask, view, down, up, q_pre, gain, *(tables or ()))):
+            t is not None and t.requires_grad
+            for t in (q, k, v, mask, view, down, up, q_pre, gain, out, gate, *(tables or ()))):
         return "the read needs gradients (the kernel has no backward)"
     if q_pre is not None and gain is None and norm is not None:
         return "the q-norm does not fold into an rms_norm"
@@ -86,15 +89,18 @@ def triton_read(
     tables: tuple[torch.Tensor, torch.Tensor] | None = None, q_pre: torch.Tensor | None = None,
     gain: torch.Tensor | None = None, eps: float = 0.0, norm: object | None = None,
     out: torch.Tensor | None = None, gate: torch.Tensor | None = None, checked: bool = False,
-    zero_sink: bool = False,
+    zero_sink: bool = False, in_place: bool = False,
 ) -> torch.Tensor:
     """``rotated_read`` (same arguments) in one kernel: the read (B, n, T, d); with ``out`` (B, T, n, d) and ``gate``
     (n*d,), ``add_read_heads(out, read, gate)`` instead. A read ``unsupported`` names raises ``ValueError``;
     ``checked``: the caller asked ``unsupported`` already (the read's hook, once a layer and segment: host time is
     what a launch-bound GPU waits on). ``zero_sink``: the caller vouches that the last slot's key and value are
-    zeros (the sink ``prepare_slots`` appends), which the kernel then folds into its softmax instead of reading."""
+    zeros (the sink ``prepare_slots`` appends), which the kernel then folds into its softmax instead of reading; a row
+    whose other slots are all empty (bias -inf) then reads exactly zero, and its programs skip the read. ``in_place``
+    (with ``out``): the sum written into ``out`` itself (if dense; else into a dense copy) and returned, so where the
+    read is zero nothing is written at all."""
     if not checked:
-        why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm)
+        why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm, out, gate)
         if why is not None:
             raise ValueError(f"triton_read cannot take this read: {why}")
     b, n, t, d = q.shape
@@ -120,8 +126,11 @@ def triton_read(
         if tables is not None:
             cos, sin = (x.expand(x.shape[0], 1, t, d)[:, 0].contiguous() for x in tables)
             s_cb = t * d if cos.shape[0] > 1 else 0
+    if in_place and out is None:
+        raise ValueError("triton_read: in_place=True adds the read into out, and no out was given")
     if out is not None:
-        res, out, gate = torch.empty(out.shape, dtype=out.dtype, device=out.device), out.contiguous(), gate.contiguous()
+        out, gate = out.contiguous(), gate.contiguous()
+        res = out if in_place else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     else:
         res, out, gate = torch.empty((b, n, t, d), dtype=q.dtype, device=q.device), dummy, dummy
     if mode != 2 and q.stride(-1) != 1:  # only then does the kernel read q
@@ -133,7 +142,7 @@ def triton_read(
         out, res, q if mode != 2 else dummy, pre, low, up_w, gain_w, cos, sin, k, v, mask, gate, *q_strides,
         t, k.shape[2], n, n // k.shape[1], s_cb, mask.stride(0) if mask.shape[0] > 1 else 0, float(scaling), float(eps),
         D=d, R=r, RP=max(16, 1 << (r - 1).bit_length()), MODE=mode, NORM=gain_w is not dummy, ROTATE=cos is not dummy,
-        HAS_OUT=out is not dummy, UPCAST=interpreting() and q.dtype != torch.float32,
+        HAS_OUT=out is not dummy, IN_PLACE=in_place, UPCAST=interpreting() and q.dtype != torch.float32,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", ZERO_SINK=zero_sink,
         BLOCK_T=launch["block_t"], BLOCK_S=launch["block_s"], num_warps=launch["num_warps"],
         num_stages=launch["num_stages"],
