@@ -274,11 +274,42 @@ def test_gradient_checkpointing_hooks_once_and_same_gradients():
     assert any(getattr(m, "gradient_checkpointing", False) is True for m in ck.base.modules())
     assert sorted(fwd_reads) == sorted(list(range(n)) * 2)
     assert hooks == fwd_hooks == ref_hooks == 2 * n  # the hooks fire once a forward, never in backward
-    assert mlp == 2 * fwd_mlp == 2 * ref_mlp  # ...although the layers were recomputed
+    # ...although the layers were recomputed: all but the lowest memory layer (nothing below it needs gradients)
+    assert fwd_mlp == ref_mlp == 2 * n and mlp - fwd_mlp == 2 * (n - 1)
     # the read itself is recomputed once in backward, inside its own checkpoint, like the layer it hooks
     assert sorted(reads) == sorted(fwd_reads * 2)
     for name, g in ref.items():
         assert torch.allclose(grads[name], g, atol=1e-5), name
+    assert any(g.abs().max() > 0 for g in grads.values())
+
+
+def test_under_checkpointing_the_backward_reaches_no_lower_than_the_memory():
+    """transformers' checkpointing makes the input embeddings require grad (for reentrant checkpoints); the memory's
+    non-reentrant checkpointing takes that back, so the layers below the memory's (here 0-2 of 4) are neither
+    recorded for backward nor recomputed in it, and the gradients are those without checkpointing."""
+    def run(checkpointing: bool):
+        mm = attach_memory(tiny_gemma3(), GMA6Config(gradient_checkpointing=checkpointing, layers=[2], **SMALL))
+        _perturb(mm)
+        mm.train()
+        runs, needs_grad = [0] * 4, [None] * 4
+        for i, layer in enumerate(find_decoder_layers(mm.base)):
+            def seen(module, args, out, i=i):
+                runs[i] += 1
+                needs_grad[i] = out.requires_grad
+            layer.mlp.register_forward_hook(seen)
+        x = _ids()
+        out = mm(input_ids=x, memory_state=mm.init_state(2))
+        out = mm(input_ids=x, labels=x, memory_state=out.memory_state)
+        out.loss.backward()
+        return runs, needs_grad, {n: p.grad for n, p in mm.controller.named_parameters()}
+
+    ref_runs, ref_needs, ref = run(False)
+    runs, needs, grads = run(True)
+    assert ref_runs == [2, 2, 2, 2] and ref_needs == needs == [False, False, False, True]
+    # only layer 3 recomputed, for the second segment (no loss on the first, whose write reads layer 2)
+    assert runs == [2, 2, 2, 3]
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4)
     assert any(g.abs().max() > 0 for g in grads.values())
 
 

@@ -127,8 +127,14 @@ def set_gradient_checkpointing(base: nn.Module, on: bool) -> None:
     if not hasattr(base, f"{prefix}_checkpointing_enable"):
         raise TypeError(f"{type(base).__name__} does not support gradient checkpointing")
     if on:
-        # Non-reentrant: the frozen base's inputs need no grad for the memory's grads to flow.
+        # Non-reentrant: the frozen base's inputs need no grad for the memory's grads to flow. transformers' enable
+        # makes the input embeddings require grad all the same (for reentrant checkpoints and PEFT), which would take
+        # every backward down through every layer to the embeddings, below the lowest memory layer: undone here,
+        # unless that hook was there before.
+        had_hook = getattr(base, "_require_grads_hook", None) is not None
         getattr(base, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+        if not had_hook and getattr(base, "_require_grads_hook", None) is not None:
+            base.disable_input_require_grads()
     else:
         getattr(base, f"{prefix}_checkpointing_disable")()
         if getattr(base, "_require_grads_hook", None) is not None:
