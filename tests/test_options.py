@@ -311,6 +311,12 @@ def test_under_checkpointing_the_backward_reaches_no_lower_than_the_memory():
     for name, g in ref.items():
         torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4)
     assert any(g.abs().max() > 0 for g in grads.values())
+    base = tiny_gemma3()
+    options.set_gradient_checkpointing(base, True)
+    assert getattr(base, "_require_grads_hook", None) is None
+    base.enable_input_require_grads()  # the user's own stays
+    options.set_gradient_checkpointing(base, True)
+    assert base._require_grads_hook is not None
 
 
 def test_options_do_not_touch_a_plain_base(tiny_model):
