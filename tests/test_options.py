@@ -314,8 +314,12 @@ def test_under_checkpointing_the_backward_reaches_no_lower_than_the_memory():
     base = tiny_gemma3()
     options.set_gradient_checkpointing(base, True)
     assert getattr(base, "_require_grads_hook", None) is None
-    base.enable_input_require_grads()  # the user's own stays
+    options.set_gradient_checkpointing(base, False)
+    assert getattr(base, "_require_grads_hook", None) is None
+    base.enable_input_require_grads()  # the user's own stays, on and off
     options.set_gradient_checkpointing(base, True)
+    assert base._require_grads_hook is not None
+    options.set_gradient_checkpointing(base, False)
     assert base._require_grads_hook is not None
 
 

@@ -130,15 +130,13 @@ def set_gradient_checkpointing(base: nn.Module, on: bool) -> None:
         # Non-reentrant: the frozen base's inputs need no grad for the memory's grads to flow. transformers' enable
         # makes the input embeddings require grad all the same (for reentrant checkpoints and PEFT), which would take
         # every backward down through every layer to the embeddings, below the lowest memory layer: undone here,
-        # unless that hook was there before.
+        # unless that hook was there before (the user's: it stays, on and off).
         had_hook = getattr(base, "_require_grads_hook", None) is not None
         getattr(base, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
         if not had_hook and getattr(base, "_require_grads_hook", None) is not None:
             base.disable_input_require_grads()
-    else:
+    else:  # the enable above leaves no require-grad hook, so one still here is the user's own
         getattr(base, f"{prefix}_checkpointing_disable")()
-        if getattr(base, "_require_grads_hook", None) is not None:
-            base.disable_input_require_grads()  # transformers' enable added this hook; its disable leaves it
 
 
 def half_dtype(device: torch.device | str | None = None) -> torch.dtype:
