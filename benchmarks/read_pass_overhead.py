@@ -25,9 +25,8 @@ import torch
 
 import gma6
 from gma6.base import default_adapter
-from gma6.bench import _graphed_base, _runner
+from gma6.bench import _graphed_base, _runner, random_model
 from gma6.io import atomic_write_text
-from segment_gpu_parts import random_base
 
 
 def fit(xs: list[int], ys: list[float]) -> tuple[float, float]:
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("read_pass_overhead.py replays CUDA graphs: it needs a CUDA device")
-    base = (random_base(args.shape, torch.bfloat16, "cuda") if args.shape else
+    base = (random_model(args.shape, torch.bfloat16, "cuda") if args.shape else
             gma6.load_base(args.model, dtype=torch.bfloat16, device="cuda", progress=False)[0])
     mm = gma6.load_adapter(base, args.adapter, cuda_graph_segments=True, triton_read=True, triton_write=True)
     graph = _graphed_base(mm)

@@ -25,14 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import gma6
 from gma6.base import default_adapter
+from gma6.bench import random_model
 from gma6.io import atomic_write_text
-
-
-def random_base(config_path: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """A causal LM of the config at ``config_path`` with seeded random weights, in eval mode."""
-    from gma6.bench import random_model
-
-    return random_model(config_path, dtype, device)
 
 
 def gpu_ms(fn, repeats: int) -> float:
@@ -119,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("segment_gpu_parts.py times CUDA graphs: it needs a CUDA device")
     if args.shape:
-        base = random_base(args.shape, torch.bfloat16, "cuda")
+        base = random_model(args.shape, torch.bfloat16, "cuda")
     else:
         base, _ = gma6.load_base(args.model, dtype=torch.bfloat16, device="cuda", progress=False)
     mm = gma6.load_adapter(base, args.adapter, triton_read=args.triton_read, triton_write=args.triton_write)

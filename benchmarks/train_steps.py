@@ -47,9 +47,9 @@ class TrainSteps:
         self.device = torch.device(args.device)
         dtype = getattr(torch, args.dtype)
         if getattr(args, "shape", None):
-            from segment_gpu_parts import random_base
+            from gma6.bench import random_model
 
-            model = random_base(args.shape, dtype, str(self.device))
+            model = random_model(args.shape, dtype, str(self.device))
         else:
             model, _ = gma6.load_base(args.model, progress=False, dtype=dtype, device=self.device)
         vocab = min(1000, model.get_input_embeddings().num_embeddings)

@@ -99,6 +99,8 @@ def triton_read(
     whose other slots are all empty (bias -inf) then reads exactly zero, and its programs skip the read. ``in_place``
     (with ``out``): the sum written into ``out`` itself (if dense; else into a dense copy) and returned, so where the
     read is zero nothing is written at all."""
+    if in_place and out is None:
+        raise ValueError("triton_read: in_place=True adds the read into out, and no out was given")
     if not checked:
         why = unsupported(q, k, v, mask, scaling, view, down, up, tables, q_pre, gain, eps, norm, out, gate)
         if why is not None:
@@ -126,8 +128,6 @@ def triton_read(
         if tables is not None:
             cos, sin = (x.expand(x.shape[0], 1, t, d)[:, 0].contiguous() for x in tables)
             s_cb = t * d if cos.shape[0] > 1 else 0
-    if in_place and out is None:
-        raise ValueError("triton_read: in_place=True adds the read into out, and no out was given")
     if out is not None:
         out, gate = out.contiguous(), gate.contiguous()
         res = out if in_place else torch.empty(out.shape, dtype=out.dtype, device=out.device)
