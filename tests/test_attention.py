@@ -106,3 +106,32 @@ def test_derived_under_autograd_inside_a_checkpoint_keeps_the_recomputation_cons
         loss.backward()
         grads.append(w.grad.clone())
     assert torch.allclose(grads[0], grads[1])
+
+
+def test_derived_lets_the_stale_value_and_its_graph_go_before_making_the_next():
+    """A parameter's gradient accumulator lives as long as a graph using it; one kept from the step before (made on
+    another CUDA stream, say) must be gone when the next step's value is made, so that it gets a fresh one."""
+    import weakref
+
+    from gma6.memory.attention import derived
+
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    cache: dict = {}
+    old_alive: list[bool] = []
+    refs: list[weakref.ref] = []
+
+    def make():
+        old_alive.append(bool(refs) and refs[-1]() is not None)
+        value = w * 2.0
+        refs.append(weakref.ref(value))
+        return value
+
+    for _ in range(3):  # training steps: forward, backward, optimizer step
+        derived(cache, "w", [w], make).sum().backward()
+        with torch.no_grad():
+            w.add_(0.1)
+    with torch.no_grad():  # and without autograd: the same, a cast kept until the weight changes
+        derived(cache, "w", [w], make)
+        w.add_(0.1)
+        derived(cache, "w", [w], make)
+    assert old_alive == [False] * 5

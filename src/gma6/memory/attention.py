@@ -42,10 +42,12 @@ def derived(cache: dict, name: Any, params: list[torch.Tensor], make: Callable[[
     segment by segment, a kernel each). A backward frees the saved tensors of what it ran through, so what one
     reached is made afresh. Inference tensors (no version counter) are never kept."""
     key = version_key(params)
-    got = cache.get(name)
     if key is not None:
+        got = cache.get(name)
         if got is not None and got[0] == key:
             return got[1]
+        got = None
+        cache.pop(name, None)  # the stale value and any graph it holds go before the new one is made
         value = make()
         cache[name] = (key, value)
         return value
@@ -63,6 +65,11 @@ def _kept_until_backward(cache: dict, name: Any, params: list[torch.Tensor], mak
     got = cache.get(name)
     if key is not None and got is not None and got[0] == key and got[2][0]:
         return got[1]
+    # The stale value goes first (this reference too), with its graph: while that lives, so do its parameters'
+    # gradient accumulators, and a new graph would reuse them with the stream they were made on (a CUDA graph
+    # captured on another stream then fails).
+    got = None
+    cache.pop(name, None)
     # What its making saves for backward is kept by its own graph, never by an enclosing checkpoint's recomputation
     # (a later call, or the recomputation itself, finds it made: the checkpoint's count of saved tensors would differ)
     with torch.autograd.graph.saved_tensors_hooks(_same, _same):
