@@ -687,3 +687,31 @@ def test_the_attention_site_read_is_recomputed_in_backward_with_equal_gradients(
     for name in ref:
         assert torch.allclose(ref[name], recomputed[name], atol=1e-6), name
     assert lean < full
+
+
+def test_the_slots_read_under_autograd_matches_sdpa_in_half_precision():
+    """Under autograd the read is spelt out (scores and softmax in fp32); in bf16 it stays as close to an fp32 SDPA
+    as the fused kernel is, forward and gradients, and without autograd it is SDPA's own result."""
+    torch.manual_seed(2)
+    b, n, t, d, s = 2, 4, 9, 32, 5
+    q32 = torch.randn(b, t, n, d).transpose(1, 2)
+    k32, v32 = torch.randn(b, 1, s, d), torch.randn(b, 1, s, d)
+    mask32 = torch.randn(b, 1, 1, s)
+    ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask32, scale=0.2, enable_gqa=True)
+    leaves = [x.to(torch.bfloat16).requires_grad_() for x in (q32, k32, v32, mask32)]
+    got = slots_sdpa(*leaves, 0.2)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    assert (got.float() - ref).abs().max() < 0.03
+    ref_leaves = [x.clone().requires_grad_() for x in (q32, k32, v32, mask32)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_leaves[:3], attn_mask=ref_leaves[3], scale=0.2,
+                                                           enable_gqa=True)
+    grads = torch.autograd.grad(got.float().square().sum(), leaves)
+    ref_grads = torch.autograd.grad(ref.square().sum(), ref_leaves)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16 and (g.float() - r).norm() / r.norm() < 0.02
+    with torch.no_grad():
+        plain = slots_sdpa(*[x.detach() for x in leaves], 0.2)
+        fused = torch.nn.functional.scaled_dot_product_attention(
+            leaves[0].detach().transpose(1, 2).reshape(b, 1, t * n, d), leaves[1].detach(), leaves[2].detach(),
+            attn_mask=leaves[3].detach(), scale=0.2)
+    assert torch.equal(plain, fused.view(b, t, n, d).transpose(1, 2))
