@@ -16,6 +16,9 @@ state (a graph under capture cannot read it).
 
     python benchmarks/train_graphed.py --shape benchmarks/gemma3-270m-config.json --adapter DIR \\
         [--batch 8] [--context 4096] [--segment 1024] [--positions 32] [--checkpointing] [--steps 5] [--out F]
+    python benchmarks/train_graphed.py --replot F.json ...   (the plot of results already written)
+
+Writes ``--out`` (JSON) and beside it a plot (``.png``): each system's best step, eager and replayed.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import contextlib
 import functools
 import gc
 import json
+import pathlib
 import time
 from collections.abc import Callable, Iterator
 
@@ -32,7 +36,7 @@ import torch
 import torch.utils.checkpoint
 from train_steps import TrainSteps, add_arguments
 
-from gma6.io import atomic_write_text
+from gma6.io import atomic_write, atomic_write_text
 
 GiB = 2**30
 
@@ -170,12 +174,48 @@ def measure(name: str, loss_fn: Callable[[], torch.Tensor], params: list[torch.n
     return {"eager": eager, "replayed": replay, "check": check}
 
 
+SYSTEMS = ("train_memory", "train_frozen", "train_full")
+
+
+def plot(result: dict, path: str) -> None:
+    """Bars of each system's best step, eager beside replayed, labelled with their peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for j, (kind, color) in enumerate((("eager", "tab:gray"), ("replayed", "tab:red"))):
+        for i, name in enumerate(SYSTEMS):
+            row = result[name][kind]
+            ax.bar(i + (j - 0.5) * 0.38, row["best_s"], 0.36, color=color, label=kind if i == 0 else None)
+            ax.text(i + (j - 0.5) * 0.38, row["best_s"], f"{row['best_s']:.3f} s\n{row['peak_mem_gib']} GiB",
+                    ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(SYSTEMS)), ["memory-only", "floor (frozen to layer 0)", "full fine-tune"])
+    ax.set_ylabel("seconds a training step (best)")
+    ax.margins(y=0.25)
+    ax.legend(fontsize=8)
+    ratio = result["replayed_full_over_memory"]["seconds"]
+    ax.set_title(f"{pathlib.Path(result['adapter']).name} on {result['machine']}, {result['dtype']}, {result['date']}\n"
+                 f"batch {result['batch']} x {result['context']} tokens, segment {result['segment']}"
+                 f"{', checkpointing' if result['checkpointing'] else ''}; replayed full / memory: {ratio:.2f}x",
+                 fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(ap, batch=8, context=4096, positions=32, device="cuda")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="results/train-graphed.json")
+    ap.add_argument("--replot", nargs="+", metavar="JSON", help="only plot these results files (no GPU needed)")
     args = ap.parse_args()
+    if args.replot:
+        for name in args.replot:
+            plot(json.loads(open(name).read()), str(pathlib.Path(name).with_suffix(".png")))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("train_graphed.py replays CUDA graphs: it needs a CUDA device")
     steps = TrainSteps(args)
@@ -225,6 +265,7 @@ def main() -> None:
             "floor_seconds": round(full["best_s"] / result["train_frozen"][kind]["best_s"], 3)}
     print(json.dumps({k: v for k, v in result.items() if k.endswith("_over_memory")}))
     atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    plot(result, str(pathlib.Path(args.out).with_suffix(".png")))
 
 
 if __name__ == "__main__":
