@@ -116,14 +116,15 @@ def measure(name: str, loss_fn: Callable[[], torch.Tensor], params: list[torch.n
     eager_opt.state.clear()  # AdamW's moments (2 GiB for the full fine-tune) go before the graph's are made
     _free()
 
-    # the check's reference: an eager step's loss and gradients from the weights the replay will start from
-    saved = [p.detach().clone() for p in params]
+    # the check's reference: an eager step's loss and gradients from the weights the replay will start from, kept on
+    # the host (2 GiB for the full fine-tune, which the replay's peak below must not count)
+    saved = [p.detach().to("cpu", copy=True) for p in params]
     refs = []
     for _ in range(2):  # twice: how far two eager steps' gradients lie apart (atomic adds in backward kernels)
         with ctx(True):
             loss = loss_fn()
         loss.backward()
-        refs.append((loss.item(), [p.grad.detach().clone() for p in params]))
+        refs.append((loss.item(), [p.grad.detach().to("cpu", copy=True) for p in params]))
         for p in params:
             p.grad = None
         del loss
@@ -133,7 +134,7 @@ def measure(name: str, loss_fn: Callable[[], torch.Tensor], params: list[torch.n
     del refs, again
     _free()
 
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()  # the replay's peak: its warm-up and its capture (replays allocate nothing)
     opt = torch.optim.AdamW(params, lr=lr, capturable=True)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -161,7 +162,7 @@ def measure(name: str, loss_fn: Callable[[], torch.Tensor], params: list[torch.n
     graph.replay()
     _sync()
     check = {"eager_loss": round(ref_loss, 6), "replay_loss": round(static_loss.item(), 6),
-             "grad_err": _grad_err([p.grad for p in params], ref_grads, names), "eager_again_grad_err": eager_err}
+             "grad_err": _grad_err([p.grad.cpu() for p in params], ref_grads, names), "eager_again_grad_err": eager_err}
     del saved, ref_grads
     replay = summary(timed(graph.replay, steps), torch.cuda.max_memory_allocated())
     replay["capture_s"] = round(capture_s, 2)
