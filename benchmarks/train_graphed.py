@@ -37,6 +37,7 @@ import torch.utils.checkpoint
 from train_steps import TrainSteps, add_arguments
 
 from gma6.io import atomic_write, atomic_write_text
+from gma6.options import set_gradient_checkpointing
 
 GiB = 2**30
 
@@ -47,9 +48,7 @@ def no_rng_state(base: torch.nn.Module, checkpointing: bool) -> Iterator[None]:
     original = torch.utils.checkpoint.checkpoint
     torch.utils.checkpoint.checkpoint = functools.partial(original, preserve_rng_state=False)
     if checkpointing:  # transformers binds its checkpoint function when enabled
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
-                                                                          "preserve_rng_state": False})
-        base.disable_input_require_grads()
+        set_gradient_checkpointing(base, True, preserve_rng_state=False)
     try:
         yield
     finally:

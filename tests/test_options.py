@@ -405,3 +405,18 @@ def test_4bit_layers_keep_their_backward_after_an_inference_call(tmp_path):
     finally:
         handle.remove()
     assert probe.grad is not None and probe.grad.abs() > 0, f"no gradient through the 4-bit base ({packed} layers had been packed)"
+
+
+def test_set_gradient_checkpointing_passes_checkpoint_arguments_and_stays_non_reentrant(tiny_model):
+    """More checkpoint arguments reach the layers' checkpoint function (a CUDA-graph capture needs
+    ``preserve_rng_state=False``); reentrant checkpoints are refused by name."""
+    from gma6.options import set_gradient_checkpointing
+
+    base = tiny_model
+    set_gradient_checkpointing(base, True, preserve_rng_state=False)
+    funcs = [m._gradient_checkpointing_func for m in base.modules() if getattr(m, "gradient_checkpointing", False)]
+    assert funcs and all(f.keywords == {"preserve_rng_state": False, "use_reentrant": False} for f in funcs)
+    with pytest.raises(ValueError, match="use_reentrant"):
+        set_gradient_checkpointing(base, True, use_reentrant=True)
+    set_gradient_checkpointing(base, False)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())

@@ -121,18 +121,24 @@ def checkpointing_on(base: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
-def set_gradient_checkpointing(base: nn.Module, on: bool) -> None:
-    """Switch the base's activation (gradient) checkpointing on or off, whichever name it uses."""
+def set_gradient_checkpointing(base: nn.Module, on: bool, **checkpoint_kwargs: Any) -> None:
+    """Switch the base's activation (gradient) checkpointing on or off, whichever name it uses. ``checkpoint_kwargs``
+    (on only): more of ``torch.utils.checkpoint.checkpoint``'s arguments, e.g. ``preserve_rng_state=False`` for a
+    step captured in a CUDA graph; the checkpoints are non-reentrant whatever is given."""
     prefix = "activation" if hasattr(base, "activation_checkpointing_enable") else "gradient"
     if not hasattr(base, f"{prefix}_checkpointing_enable"):
         raise TypeError(f"{type(base).__name__} does not support gradient checkpointing")
+    if checkpoint_kwargs.get("use_reentrant"):
+        raise ValueError("set_gradient_checkpointing: use_reentrant=True is not supported (a frozen base's inputs need "
+                         "no grad only with non-reentrant checkpoints)")
     if on:
         # Non-reentrant: the frozen base's inputs need no grad for the memory's grads to flow. transformers' enable
         # makes the input embeddings require grad all the same (for reentrant checkpoints and PEFT), which would take
         # every backward down through every layer to the embeddings, below the lowest memory layer: undone here,
         # unless that hook was there before (the user's: it stays, on and off).
         had_hook = getattr(base, "_require_grads_hook", None) is not None
-        getattr(base, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+        kwargs = {**checkpoint_kwargs, "use_reentrant": False}
+        getattr(base, f"{prefix}_checkpointing_enable")(**{f"{prefix}_checkpointing_kwargs": kwargs})
         if not had_hook and getattr(base, "_require_grads_hook", None) is not None:
             base.disable_input_require_grads()
     else:  # the enable above leaves no require-grad hook, so one still here is the user's own
