@@ -18,6 +18,7 @@ import torch
 import gma6
 from gma6.base import default_adapter
 from gma6.bench import position_loss
+from gma6.config import GMA6Config
 from gma6.model import split_segments
 from gma6.options import set_gradient_checkpointing
 
@@ -27,6 +28,9 @@ def add_arguments(ap: argparse.ArgumentParser, batch: int, context: int, positio
     ap.add_argument("--shape", default=None,
                     help="a model config (JSON) to build with random weights instead (the same shapes and kernels)")
     ap.add_argument("--adapter", default=str(default_adapter()))
+    ap.add_argument("--layers", default=None,
+                    help="comma-separated decoder layers: a fresh memory of the adapter's kind there (seeded random "
+                         "weights) instead of the adapter's own; how deep the backward must reach sets the step's cost")
     ap.add_argument("--device", default=device)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=batch)
@@ -36,6 +40,23 @@ def add_arguments(ap: argparse.ArgumentParser, batch: int, context: int, positio
     ap.add_argument("--checkpointing", action="store_true",
                     help="the base's gradient checkpointing in both steps (what remains is what each keeps outside "
                          "the recomputed layers)")
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"12,13,16"`` or ``"12-16"`` (inclusive), or both mixed: the layer indices, sorted."""
+    layers: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise ValueError(f"--layers {text!r}: {part!r} is not a layer index or a range a-b") from None
+        if first > last:
+            raise ValueError(f"--layers {text!r}: the range {part!r} is empty")
+        layers.update(range(first, last + 1))
+    if not layers:
+        raise ValueError(f"--layers {text!r}: no layer given")
+    return sorted(layers)
 
 
 class TrainSteps:
@@ -56,7 +77,12 @@ class TrainSteps:
         ids = torch.randint(0, vocab, (args.batch, args.context), device=self.device)
         self.segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
         self.pos = torch.linspace(0, args.segment - 2, args.positions, device=self.device).round().long().unique()
-        self.mm = gma6.load_adapter(model, args.adapter)
+        layers = getattr(args, "layers", None)
+        if layers:
+            config = GMA6Config.load(args.adapter).to_dict()
+            self.mm = gma6.attach_memory(model, GMA6Config.from_dict({**config, "layers": parse_layers(layers)}))
+        else:
+            self.mm = gma6.load_adapter(model, args.adapter)
         if args.checkpointing:
             set_gradient_checkpointing(self.mm.base, True)
             self.mm.train()  # checkpointing acts in training mode only
@@ -102,6 +128,7 @@ class TrainSteps:
             "command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name(d) if d.type == "cuda" else platform.processor() or platform.machine(),
             "device": d.type, "dtype": a.dtype, "shape": getattr(a, "shape", None), "adapter": a.adapter,
+            "layers": list(self.mm.config.layers),
             "batch": a.batch, "context": a.context, "segment": a.segment, "positions": len(self.pos),
             "checkpointing": a.checkpointing,
         }

@@ -98,3 +98,50 @@ def test_segment_parts_times_each_part_of_a_segment(tiny_checkpoint, tmp_path): 
     assert all(0 < p["host_ms"] <= p["wall_ms"] for p in parts.values())
     with pytest.raises(SystemExit):
         segment_parts.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--repeats", "0"])
+
+
+def _train_steps():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_steps
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return train_steps
+
+
+def test_train_steps_layers_parse_ranges_and_refuse_bad_text():
+    ts = _train_steps()
+    assert ts.parse_layers("12-16") == [12, 13, 14, 15, 16]
+    assert ts.parse_layers("3, 0-1,3") == [0, 1, 3]
+    for bad, why in (("", "no layer"), ("a", "not a layer index"), ("5-2", "empty"), ("1-x", "not a layer index")):
+        with pytest.raises(ValueError, match=why):
+            ts.parse_layers(bad)
+
+
+def test_train_steps_layers_attach_a_fresh_memory_of_the_adapters_kind(tiny_checkpoint, tmp_path):  # noqa: F811
+    """``--layers``: the adapter's kind (every other field of its config) at other layers, its weights seeded, so
+    that the step's cost can be timed against where the memory starts (``train_graphed.py``)."""
+    import argparse
+
+    ts = _train_steps()
+    _save_adapter(tiny_checkpoint, tmp_path / "adapter")
+    saved = GMA6Config.load(tmp_path / "adapter")
+
+    def steps(*extra: str):
+        ap = argparse.ArgumentParser()
+        ts.add_arguments(ap, batch=2, context=64, positions=4, device="cpu")
+        return ts.TrainSteps(ap.parse_args(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"),
+                                            "--dtype", "float32", "--segment", "32", *extra]))
+
+    own = steps()
+    per_layer = sum(p.numel() for p in own.mm.memory_parameters()) / len(saved.layers)
+    moved, again = steps("--layers", "1-2"), steps("--layers", "1-2")
+    assert own.header()["layers"] == [0, 1] and moved.header()["layers"] == [1, 2]
+    assert {**moved.mm.config.to_dict(), "layers": None} == {**saved.to_dict(), "layers": None}
+    assert sum(p.numel() for p in moved.mm.memory_parameters()) == per_layer * 2
+    for a, b in zip(moved.mm.memory_parameters(), again.mm.memory_parameters()):
+        assert torch.equal(a, b)  # seeded
+    loss = moved.memory_loss()
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in moved.mm.memory_parameters())
+    assert steps("--layers", "2").mm.config.layers == [2]
