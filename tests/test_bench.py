@@ -264,3 +264,27 @@ def test_bench_shape_times_a_model_of_random_weights_of_a_config(tmp_path):
     assert res.exit_code != 0 and "--shape and --model" in res.output
     with pytest.raises(FileNotFoundError, match="no such file"):
         random_model(tmp_path / "missing.json", "float32", "cpu")
+
+
+def test_bench_plot_failing_midway_keeps_the_previous_png(tmp_path, monkeypatch):
+    """The plot is written atomically: a savefig that fails leaves the last PNG whole and no temporary file."""
+    from matplotlib.figure import Figure
+
+    from gma6.bench import plot
+
+    result = {"device": "cpu", "dtype": "float32", "date": "2026-11-27", "rows": [
+        {"system": s, "context": 1024, "batch": 1, "segment": 512, "tokens_per_s": 1.0, "peak_mem_gib": 1.0,
+         "status": "ok"} for s in SYSTEMS]}
+    png = plot(result, tmp_path / "bench.png")
+    before = png.read_bytes()
+
+    def broken(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        plot(result, png)
+    assert png.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]

@@ -773,10 +773,12 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
         ax.set_title(f"training step ({r0['context']} tokens, batch {r0['batch']}, seg {r0['segment']})")
     fig.suptitle(f"gma6 bench on {result.get('device_name', result.get('device'))}, {result.get('dtype')}, {result.get('date', '')[:10]}", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from .io import atomic_write
+
+    try:
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def parse_tokens(text: str | int) -> int:
