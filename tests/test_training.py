@@ -94,6 +94,33 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert log == list(range(1, 13))
 
 
+def test_a_run_killed_after_its_checkpoint_logs_each_step_once_when_resumed(tmp_path):
+    """Killed after logging steps its checkpoint does not hold (and midway through a line): resuming drops those
+    records and the torn line, so the finished log and its plot hold each step once."""
+    cfg = small_cfg()
+    train(fresh(), TOK, cfg, tmp_path, progress=False, max_steps=5)  # checkpoint at step 5
+    log = tmp_path / "log.jsonl"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    with open(log, "a") as f:  # what the killed process had logged beyond its checkpoint
+        f.write(json.dumps({**rows[-1], "step": 6, "loss": 99.0}) + "\n" + '{"step": 7, "lo')
+    (tmp_path / "loss.png").unlink()
+    train(fresh(), TOK, cfg, tmp_path, progress=False)
+    got = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert got[:5] == rows and 99.0 not in [r["loss"] for r in got]
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_a_torn_last_line_does_not_stop_the_plot(tmp_path):
+    from gma6.training import plot_log, read_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 1.0, "acc": 0.5, "segments": 1}\n[1, 2]\n{"step": 2, "lo')
+    assert read_log(log) == [{"step": 1, "loss": 1.0, "acc": 0.5, "segments": 1}]
+    plot_log(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_time_limit_checkpoints_and_the_resumed_run_equals_uninterrupted(tmp_path):
     cfg = small_cfg()
     whole = fresh()

@@ -528,7 +528,8 @@ def train(
         tokenizer: the base's tokenizer (``encode(text, add_special_tokens=False)``).
         cfg: what to do.
         out_dir: ``log.jsonl``, ``loss.png``, ``checkpoint/`` (resumable) and ``adapter/`` (final).
-        resume: continue from ``out_dir/checkpoint`` if it is there.
+        resume: continue from ``out_dir/checkpoint`` if it is there (exactly: weights, optimizer, scheduler, RNG,
+            data position); ``log.jsonl``'s records of steps after it, from a killed run, are dropped.
         max_steps: stop after this global step (for tests and time-boxed runs); None runs all.
         progress: show a progress bar.
         command: the command line, recorded beside the adapter.
@@ -563,6 +564,8 @@ def train(
     ckpt = out / CHECKPOINT_DIR
     if resume and (ckpt / TRAINER_STATE).exists():
         step = load_checkpoint(ckpt, model, opt, sched, cfg)
+        if replicas.main:
+            trim_log(out / "log.jsonl", step)
     if time_limit is not None and not time_limit > 0:
         raise ValueError(f"time_limit={time_limit!r}: expected a positive number of seconds")
     started = time.monotonic()
@@ -724,6 +727,32 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
     return int(state["step"])
 
 
+def read_log(log: Path) -> list[dict[str, Any]]:
+    """The records of a ``log.jsonl``; a line that is not a whole JSON object (a write cut off by a kill) is
+    skipped."""
+    rows = []
+    for line in log.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def trim_log(log: Path, step: int) -> None:
+    """Resuming from a checkpoint at ``step``: drop the records of later steps (logged before a kill, their updates
+    lost with it, run again now) and any line cut off, so that each step is logged once. Rewritten atomically."""
+    if not log.exists():
+        return
+    text = log.read_text()
+    kept = [r for r in read_log(log) if isinstance(r.get("step"), int) and r["step"] <= step]
+    new = "".join(json.dumps(r) + "\n" for r in kept)
+    if new != text:
+        atomic_write_text(log, new)
+
+
 def plot_log(log: Path, png: Path) -> None:
     """Loss and accuracy against step, with the curriculum stages marked."""
     if not log.exists():
@@ -733,7 +762,7 @@ def plot_log(log: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = read_log(log)
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
