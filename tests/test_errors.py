@@ -74,6 +74,27 @@ def test_empty_and_malformed_input(tiny_model):
         mm.init_state(0)
 
 
+def test_token_ids_outside_the_vocabulary(tiny_model):
+    """Named with the offending id and the vocabulary, on every entry point (the embedding would raise a bare
+    IndexError); RMT's entry points too."""
+    good = torch.randint(0, 64, (1, 6))
+    for config in (GMA6Config(**SMALL), GMA6Config(memory_type="rmt", num_slots=4)):
+        mm = attach_memory(tiny_model, config)
+        try:
+            for bad, named in ((good + 64, r"token id \d+, outside the base's vocabulary of 64 \(ids 0..63\)"),
+                               (good - 70, r"token id -\d+, outside")):
+                with pytest.raises(ValueError, match=named):
+                    mm(input_ids=bad)
+                with pytest.raises(ValueError, match=named):
+                    mm.read(bad, segment_length=4)
+                with pytest.raises(ValueError, match=named):
+                    mm.generate(bad, max_new_tokens=1)
+            mm(input_ids=good)  # the edges of the vocabulary are fine
+            mm(input_ids=torch.tensor([[0, 63]]))
+        finally:
+            mm.detach()
+
+
 def test_not_a_decoder_only_lm():
     with pytest.raises(TypeError, match="Linear"):
         attach_memory(nn.Linear(3, 3))

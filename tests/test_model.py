@@ -165,6 +165,29 @@ def test_detach_leaves_no_hook_and_restores_base(tiny_model):
         mm(input_ids=x)
 
 
+def test_a_second_memory_on_an_attached_base_is_refused_until_detach(tiny_model):
+    """Two memories on one base would both fire on every call; refused with a clear error, the first left working.
+    A failed attach leaves the base free."""
+    from gma6.rmt import RMTMemoryModel
+
+    x = torch.randint(3, 64, (1, 8))
+    first = attach_memory(tiny_model, GMA6Config(**SMALL))
+    _perturb(first)
+    ref = first(input_ids=x).logits
+    n_hooks = hook_count(tiny_model)
+    for config in (GMA6Config(**SMALL), GMA6Config(memory_type="rmt", num_slots=4)):
+        with pytest.raises(RuntimeError, match="already has a MemoryModel attached.*detach"):
+            attach_memory(tiny_model, config)
+    assert hook_count(tiny_model) == n_hooks and torch.equal(first(input_ids=x).logits, ref)
+    base = first.detach()
+    with pytest.raises(ValueError):  # layer 9 is beyond the tiny model's 4
+        attach_memory(base, GMA6Config(**SMALL, layers=[9]))
+    second = attach_memory(base, GMA6Config(memory_type="rmt", num_slots=4))
+    assert isinstance(second, RMTMemoryModel)
+    second.detach()
+    attach_memory(base, GMA6Config(**SMALL)).detach()
+
+
 def test_detach_switches_off_the_checkpointing_the_memory_switched_on():
     from gma6.options import set_gradient_checkpointing
 

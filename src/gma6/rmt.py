@@ -170,7 +170,7 @@ class RMTMemoryModel(MemoryWrapper):
                 ``inputs_embeds`` are set here and may not be passed.
         """
         self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask)
+        input_ids, mask = _check_input(input_ids, attention_mask, vocab=self._vocab_size())
         state = self._prepare_state(memory_state, input_ids.shape[0])
         if self._disabled:
             out = self.base(input_ids=input_ids, attention_mask=mask.long(), labels=labels, **kwargs)
@@ -290,7 +290,7 @@ class RMTMemoryModel(MemoryWrapper):
         no-repeat n-grams) see only the generated tokens.
         """
         self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask)
+        input_ids, mask = _check_input(input_ids, attention_mask, vocab=self._vocab_size())
         state = self._prepare_state(memory_state, input_ids.shape[0])
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         if self._disabled:

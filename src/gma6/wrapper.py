@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ from .options import apply_system_options, checkpointing_on, set_gradient_checkp
 from .state import MemoryState
 
 WEIGHTS_NAME = "memory_adapter.safetensors"
+_ATTACHED = "_gma6_attached_memory"  # on the base: a weak reference to the memory attached to it
+
+
+def attached_memory(base: nn.Module) -> MemoryWrapper | None:
+    """The gma6 memory attached to ``base`` (not yet detached), if any."""
+    ref = base.__dict__.get(_ATTACHED)
+    return None if ref is None else ref()
 
 
 @dataclass
@@ -51,6 +59,11 @@ class MemoryWrapper(nn.Module):
         check_decoder_only(base)
         if not isinstance(config, GMA6Config):
             raise TypeError(f"config must be a GMA6Config, got {type(config).__name__}")
+        holder = attached_memory(base)
+        if holder is not None:
+            # Both memories' hooks would fire on every call, each reading the other's call state.
+            raise RuntimeError(f"this {type(base).__name__} already has a {type(holder).__name__} attached: one memory "
+                               "a base; detach() it first (or load the adapter into another copy of the base)")
         tc = text_config(base)
         self.config = config.resolve(tc.hidden_size, tc.num_hidden_layers, str(getattr(tc, "model_type", "unknown")))
         self.base = base
@@ -64,9 +77,13 @@ class MemoryWrapper(nn.Module):
         self._detached = False
         if self.config.lora_rank:  # checked before anything is injected: a failure leaves the base as it was
             self.add_lora(self.config.lora_rank, self.config.lora_alpha, self.config.lora_targets)
+        base.__dict__[_ATTACHED] = weakref.ref(self)  # until detach(), which a failed attach calls too
 
     def _base_device(self) -> torch.device:
         return next(self.base.parameters()).device
+
+    def _vocab_size(self) -> int | None:
+        return getattr(self.base.get_input_embeddings(), "num_embeddings", None)
 
     # ------------------------------------------------------------------ state
     @property
@@ -115,7 +132,8 @@ class MemoryWrapper(nn.Module):
         from .model import _check_input, cut_segments  # model builds on this module
 
         self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask, ones=False)  # None: no padding
+        input_ids, mask = _check_input(input_ids, attention_mask, ones=False,  # None: no padding
+                                       vocab=self._vocab_size())
         state = self._prepare_state(memory_state, input_ids.shape[0])
         self._check_read_budget(input_ids.shape[0], segment_length)
         segments, full = cut_segments(input_ids, mask, segment_length, bos_token_id)
@@ -169,6 +187,8 @@ class MemoryWrapper(nn.Module):
         if self._own_checkpointing:
             set_gradient_checkpointing(self.base, False)
             self._own_checkpointing = False
+        if attached_memory(self.base) is self:
+            del self.base.__dict__[_ATTACHED]
         self._detached = True
         return self.base
 
