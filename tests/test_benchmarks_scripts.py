@@ -49,19 +49,21 @@ def test_saved_bytes_with_and_without_checkpointing(tiny_checkpoint, tmp_path): 
     assert got[True]["train_memory_over_train_frozen"] > 1  # the memory's state and write are kept besides
 
 
-def _host_overhead():
+def _benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` imported as a module (the scripts import each other by bare name)."""
+    import importlib
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import host_overhead
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return host_overhead
 
 
 def test_host_overhead_times_the_default_kind_on_the_270m_stack(tmp_path):
     """benchmarks/host_overhead.py: the shipped adapter's kind on an 18-layer tiny stack, base and memory timed,
     the memory's heaviest functions listed, the JSON written."""
-    ho = _host_overhead()
+    ho = _benchmark("host_overhead")
     kind = ho.kind_of(ROOT / "src" / "gma6" / "adapters" / "gemma3-270m-babilong-memory-alone")
     assert kind.read_rule == "base" and kind.read_rank == 8 and len(kind.layers) == 17
     out = tmp_path / "host.json"
@@ -75,7 +77,7 @@ def test_host_overhead_times_the_default_kind_on_the_270m_stack(tmp_path):
 
 
 def test_host_overhead_refuses_a_non_positive_count():
-    ho = _host_overhead()
+    ho = _benchmark("host_overhead")
     with pytest.raises(SystemExit, match="must be positive"):
         ho.main(["--segments", "0"])
 
@@ -84,11 +86,7 @@ def test_segment_parts_times_each_part_of_a_segment(tiny_checkpoint, tmp_path): 
     """benchmarks/segment_parts.py: every part of a segment timed (the write and the slots' preparation alone too),
     host never after wall; a bad count is refused."""
     _save_adapter(tiny_checkpoint, tmp_path / "adapter")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import segment_parts
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    segment_parts = _benchmark("segment_parts")
     out = tmp_path / "parts.json"
     got = segment_parts.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--batch", "2",
                               "--tokens", "16", "--repeats", "2", "--out", str(out)])
@@ -100,17 +98,8 @@ def test_segment_parts_times_each_part_of_a_segment(tiny_checkpoint, tmp_path): 
         segment_parts.main(["--model", str(tiny_checkpoint), "--adapter", str(tmp_path / "adapter"), "--repeats", "0"])
 
 
-def _train_steps():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import train_steps
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return train_steps
-
-
 def test_train_steps_layers_parse_ranges_and_refuse_bad_text():
-    ts = _train_steps()
+    ts = _benchmark("train_steps")
     assert ts.parse_layers("12-16") == [12, 13, 14, 15, 16]
     assert ts.parse_layers("3, 0-1,3") == [0, 1, 3]
     for bad, why in (("", "no layer"), ("a", "not a layer index"), ("5-2", "empty"), ("1-x", "not a layer index")):
@@ -123,7 +112,7 @@ def test_train_steps_layers_attach_a_fresh_memory_of_the_adapters_kind(tiny_chec
     that the step's cost can be timed against where the memory starts (``train_graphed.py``)."""
     import argparse
 
-    ts = _train_steps()
+    ts = _benchmark("train_steps")
     _save_adapter(tiny_checkpoint, tmp_path / "adapter")
     saved = GMA6Config.load(tmp_path / "adapter")
 
