@@ -639,7 +639,8 @@ class MemoryModel(MemoryWrapper):
     ) -> torch.Tensor:
         """``base.generate`` with the memory read-only at every step (the KV cache works as usual)."""
         self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask, vocab=self._vocab_size())
+        input_ids, mask = _check_input(input_ids, attention_mask, vocab=self._vocab_size(),
+                                       vocab_on_device=True)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         self._call = self._make_call(state, write=False, rope=None)
         self._prepare_site(self._call, input_ids.shape[0])
@@ -695,11 +696,13 @@ def memory_class(config: GMA6Config) -> type:
     return MemoryModel
 
 
-def _check_input(input_ids: Any, attention_mask: Any, ones: bool = True,
-                 vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _check_input(input_ids: Any, attention_mask: Any, ones: bool = True, vocab: int | None = None,
+                 vocab_on_device: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The checked (B, N) ids and bool mask; without an ``attention_mask`` an all-ones mask, or None if not ``ones``
-    (a caller that takes None as "no padding" saves making it). Ids on the CPU are checked against ``vocab`` (the
-    embedding would fail with a bare IndexError); on an accelerator that check would be a host sync a call."""
+    (a caller that takes None as "no padding" saves making it). Ids are checked against ``vocab`` (the embedding
+    would fail with a bare IndexError, or a device-side assert on a GPU) where they are on the CPU, and on an
+    accelerator too with ``vocab_on_device``: a host sync, which generation (a sync a token anyway) can afford and a
+    read (kept free of syncs for its replayed segments) or a training step's segment should not pay."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
@@ -710,8 +713,8 @@ def _check_input(input_ids: Any, attention_mask: Any, ones: bool = True,
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
     if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
         raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    if vocab is not None and input_ids.device.type == "cpu":
-        lo, hi = (int(v) for v in torch.aminmax(input_ids))
+    if vocab is not None and (vocab_on_device or input_ids.device.type == "cpu"):
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
         if lo < 0 or hi >= vocab:
             bad = lo if lo < 0 else hi
             raise ValueError(f"input_ids hold token id {bad}, outside the base's vocabulary of {vocab} (ids 0..{vocab - 1})")

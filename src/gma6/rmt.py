@@ -290,7 +290,8 @@ class RMTMemoryModel(MemoryWrapper):
         no-repeat n-grams) see only the generated tokens.
         """
         self._check_attached()
-        input_ids, mask = _check_input(input_ids, attention_mask, vocab=self._vocab_size())
+        input_ids, mask = _check_input(input_ids, attention_mask, vocab=self._vocab_size(),
+                                       vocab_on_device=True)
         state = self._prepare_state(memory_state, input_ids.shape[0])
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         if self._disabled:
