@@ -98,6 +98,8 @@ def test_eval_fresh_memory_and_per_length_samples(tiny_checkpoint, tmp_path):
     (["--lengths", "0k,1k", "--samples", "2,3,4"], "--samples"),
     (["--adapter", "/nonexistent/adapter"], "/nonexistent/adapter"),
     (["--question-reads", "-1"], "--question-reads"),
+    (["--samples", "0"], "--samples '0': expected positive counts"),
+    (["--lengths", "0k,1k", "--samples", "2,-1"], "--samples '2,-1'"),
 ])
 def test_bad_arguments_exit_non_zero_naming_them(tiny_checkpoint, tmp_path, args, needle):
     p = _gma6("eval", "--model", str(tiny_checkpoint), "--lengths", "0k", "--samples", "1", "--no-progress",

@@ -51,6 +51,14 @@ def test_init_adapter_refusals(tiny_checkpoint, tmp_path):  # noqa: F811
     assert r.returncode != 0 and "lora_rank=4" in r.stderr
 
 
+def test_an_out_path_that_is_a_file_is_refused_and_left_alone(tiny_checkpoint, tmp_path):  # noqa: F811
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    r = _gma6("train", "--model", str(tiny_checkpoint), "--out", str(out), *COMMON, "--curriculum", "1")
+    assert r.returncode != 0 and "--out" in r.stderr and "not a folder" in r.stderr
+    assert "Traceback" not in r.stderr and out.read_text() == "mine"
+
+
 def test_addressing_and_in_context_reach_the_adapter_and_the_run(tiny_checkpoint, tmp_path):  # noqa: F811
     _train(tiny_checkpoint, tmp_path / "u", "--curriculum", "1", "--addressing", "content+usage")
     assert json.loads((tmp_path / "u" / "adapter" / "gma6_config.json").read_text())["addressing"] == "content+usage"

@@ -14,6 +14,8 @@ from .common import command_line, load, pick_device, pick_dtype, split_list
 
 def _parse_samples(value: str, lengths: list[int]) -> int | dict[int, int]:
     counts = split_list(value, int)
+    if not counts or any(c <= 0 for c in counts):
+        raise typer.BadParameter(f"--samples {value!r}: expected positive counts")
     if len(counts) == 1:
         return counts[0]
     if len(counts) != len(lengths):

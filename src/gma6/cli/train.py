@@ -129,6 +129,8 @@ def train(
         raise typer.BadParameter("--select-weight supervises the tokens write: it needs --write-rule tokens")
     if time_limit is not None and not time_limit > 0:
         raise typer.BadParameter(f"--time-limit={time_limit}: expected a positive number of seconds")
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
     saved = _adapter_config(init_adapter) if init_adapter is not None else None
     if saved is not None:
         if lora_rank not in (0, saved.lora_rank):
