@@ -33,7 +33,7 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     result = run_bench(tiny_gemma3(), config, command="pytest", log=None)
     data = _check_result(result, tmp_path)
     ok = [r for r in data["rows"] if r["status"] == "ok"]
-    assert {r["system"] for r in ok} == set(SYSTEMS) | {"train_memory", "train_frozen", "train_full"}
+    assert {r["system"] for r in ok} == set(SYSTEMS) | {"train_memory", "train_frozen", "train_full", "train_full_context"}
     for r in ok:
         assert r["tokens_per_s"] > 0 and r["seconds"] > 0
         assert r["peak_mem_gib"] is None or r["peak_mem_gib"] > 0
@@ -43,6 +43,9 @@ def test_bench_runs_on_a_tiny_model(tmp_path):
     pairs = data["summary"]["memory_over_base_segments"]["pairs"]
     assert len(pairs) == 4 and all(p["ratio"] > 0 for p in pairs)
     assert data["summary"]["train_memory_over_train_full"]["step_time"] > 0
+    assert data["summary"]["train_memory_over_train_full_context"]["step_time"] > 0
+    whole = next(r for r in ok if r["system"] == "train_full_context")
+    assert whole["segment"] is None and whole["context"] == 32 and whole["weights"] == "float32"
     paired = data["summary"]["paired_memory_over_base_segments"]
     assert paired["pairs"] == 4 and paired["median"] > 0 and paired["segment"] == 16 and paired["batch"] == 2
     assert data["command"] == "pytest" and data["dtype"] == "float32"
@@ -129,7 +132,7 @@ def test_training_step_scored_at_a_few_positions(tmp_path, checkpointing):
                          train_context=32, train_segment=16, train_positions=4, train_checkpointing=checkpointing,
                          memory=SMALL)
     rows = [r for r in run_bench(base, config, command="pytest", log=None)["rows"] if r["system"].startswith("train_")]
-    assert [r["system"] for r in rows] == ["train_memory", "train_frozen", "train_full"]
+    assert [r["system"] for r in rows] == ["train_memory", "train_frozen", "train_full", "train_full_context"]
     assert all(r["status"] == "ok" and r["loss_positions"] == 4 and r["seconds"] > 0 for r in rows)
     assert all(r["gradient_checkpointing"] is checkpointing for r in rows)
     assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())  # switched off again
@@ -218,7 +221,7 @@ def test_cli_times_several_training_steps_and_keeps_the_fastest(tmp_path, monkey
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     rows = [r for r in json.loads(out.read_text())["rows"] if r["system"].startswith("train_")]
-    assert [r["system"] for r in rows] == ["train_memory", "train_frozen", "train_full"]
+    assert [r["system"] for r in rows] == ["train_memory", "train_frozen", "train_full", "train_full_context"]
     assert all(r["status"] == "ok" and r["repeats"] == 2 for r in rows)
     bad = CliRunner().invoke(app, [*args[:-3], "0", "--out", str(out)])
     assert bad.exit_code != 0 and "train_steps" in bad.output
@@ -288,3 +291,45 @@ def test_bench_plot_failing_midway_keeps_the_previous_png(tmp_path, monkeypatch)
         plot(result, png)
     assert png.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bench.png"]
+
+
+def test_the_whole_context_loss_scores_where_the_segments_are_scored():
+    """``train_full_context`` reads the context in one pass and scores the positions ``train_full`` scores in each
+    segment: with one segment the two losses are the same; with two the first segment's terms still are (the
+    causal mask keeps them from the second), and the rest sees more context."""
+    from gma6.bench import context_loss, position_loss
+    from gma6.model import split_segments
+
+    torch.manual_seed(0)
+    base = tiny_gemma3()
+    ids = torch.randint(3, 64, (2, 32))
+    for seg, positions in ((32, 4), (16, 4), (16, None)):
+        segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), seg)
+
+        def seg_terms(seg_ids):
+            if positions is None:
+                return base(input_ids=seg_ids, labels=seg_ids).loss
+            n = seg_ids.shape[1] - 1
+            pos = torch.linspace(0, n - 1, min(positions, n)).round().long().unique()
+            return position_loss(base(input_ids=seg_ids, logits_to_keep=pos).logits, seg_ids[:, pos + 1])
+
+        whole = context_loss(base, ids, segs, positions)
+        parts = [seg_terms(s) for s, _ in segs]
+        if len(segs) == 1:
+            assert torch.allclose(whole, parts[0], atol=1e-6)
+        elif positions is not None:
+            first = context_loss(base, ids, segs[:1], positions)  # the first segment's terms alone, in the whole pass
+            assert torch.allclose(first, parts[0], atol=1e-6)
+            assert not torch.allclose(whole, sum(parts), atol=1e-4)  # the second segment sees the first
+        else:
+            assert torch.isfinite(whole)
+
+
+def test_the_whole_context_step_is_skipped_beyond_the_window():
+    base = tiny_gemma3()
+    base.config.max_position_embeddings = 16
+    config = BenchConfig(contexts=[16], batches=[1], segments=[16], systems=["memory"], warmup=0,
+                         train_context=32, train_segment=16, train_positions=4, memory=SMALL)
+    rows = {r["system"]: r for r in run_bench(base, config, command="pytest", log=None)["rows"]}
+    assert rows["train_full"]["status"] == "ok"
+    assert rows["train_full_context"]["status"] == "skipped: context beyond the base's window (16 tokens)"

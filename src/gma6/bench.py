@@ -16,6 +16,10 @@ Systems, all in one process over the same random tokens:
     the memory's parameters only (backpropagated through the segments), against a full
     fine-tune of every base parameter (AdamW both). The full fine-tune trains the base it is
     given in place, so it runs last.
+``train_full_context``
+    the same full fine-tune reading the whole context in one pass (full attention, scored at the same positions):
+    what one would train instead to use the context beyond a segment, as ``base_full`` is for reading; skipped
+    beyond the base's window.
 ``train_frozen``
     the floor of any adapter whose first layer is layer 0: the frozen base's forward and its
     backward down to the input embeddings, the adapter itself free (one zero scalar added to the
@@ -60,12 +64,13 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import GMA6Config
+from .integration import text_config
 from .model import MemoryModel, attach_memory, cut_segments, split_segments
 from .options import GiB, estimate_peak_bytes, set_gradient_checkpointing
 from .segment_graph import GraphedCall, ModuleParameters
 
 SYSTEMS = ("base_segments", "memory", "base_full")
-TRAIN_SYSTEMS = ("train_memory", "train_frozen", "train_full")
+TRAIN_SYSTEMS = ("train_memory", "train_frozen", "train_full", "train_full_context")
 
 
 @dataclass
@@ -548,6 +553,21 @@ def _train_rows(
     run("train_full", full_step, None)
     name = str(compute_dtype).replace("torch.", "")
     out_rows[-1]["weights"] = f"fp32 master, autocast {name}" if master else name
+
+    window = getattr(text_config(base), "max_position_embeddings", None)
+    if window is not None and ctx > window:
+        out_rows.append(_row("train_full_context", ctx, b, None, status=f"skipped: context beyond the base's window "
+                             f"({window} tokens)"))
+    else:
+        def full_context_step() -> None:
+            with torch.autocast(device.type, dtype=compute_dtype, enabled=master):
+                loss = context_loss(base, ids, segs, config.train_positions)
+            loss.backward()
+            full_opt.step()
+            full_opt.zero_grad(set_to_none=True)
+
+        run("train_full_context", full_context_step, None)
+        out_rows[-1].update(segment=None, weights=out_rows[-2]["weights"])
     del full_opt
     base.requires_grad_(False)
     if config.train_checkpointing:
@@ -555,6 +575,26 @@ def _train_rows(
         base.eval()
     _free(device)
     return out_rows
+
+
+def context_loss(model: nn.Module, ids: torch.Tensor, segs: list[tuple[torch.Tensor, torch.Tensor]],
+                 positions: int | None) -> torch.Tensor:
+    """``train_full_context``'s loss: the whole context in one pass, scored where ``_train_rows``' ``loss_of`` scores
+    each of its segments (``positions`` a segment, each segment's mean summed; None: every token, the base's own
+    loss), so that it differs from ``train_full`` only in reading the context in one window."""
+    if positions is None:
+        return model(input_ids=ids, labels=ids).loss
+    per, start = [], 0
+    for seg_ids, _ in segs:
+        n = seg_ids.shape[1] - 1
+        per.append(torch.linspace(0, n - 1, min(positions, n), device=ids.device).round().long().unique() + start)
+        start += seg_ids.shape[1]
+    logits = model(input_ids=ids, logits_to_keep=torch.cat(per)).logits
+    total, i = 0.0, 0
+    for pos in per:
+        total = total + position_loss(logits[:, i:i + len(pos)], ids[:, pos + 1])
+        i += len(pos)
+    return total
 
 
 def position_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -672,7 +712,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "pairs": pairs,
         }
     ok_train = {r["system"]: r for r in rows if r["system"] in TRAIN_SYSTEMS and r.get("status") == "ok"}
-    for a, b in (("train_memory", "train_full"), ("train_frozen", "train_full"), ("train_memory", "train_frozen")):
+    for a, b in (("train_memory", "train_full"), ("train_frozen", "train_full"), ("train_memory", "train_frozen"),
+                 ("train_memory", "train_full_context")):
         if a in ok_train and b in ok_train:
             summary[f"{a}_over_{b}"] = _train_ratios(ok_train[a], ok_train[b])
     return summary
