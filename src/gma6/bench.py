@@ -507,8 +507,7 @@ def _train_rows(
         if config.train_positions is None:
             out = model(input_ids=seg_ids, attention_mask=seg_mask, labels=seg_ids, **kw)
             return out.loss, out
-        n = seg_ids.shape[1] - 1
-        pos = torch.linspace(0, n - 1, min(config.train_positions, n), device=seg_ids.device).round().long().unique()
+        pos = scored_positions(seg_ids.shape[1], config.train_positions, seg_ids.device)
         out = model(input_ids=seg_ids, attention_mask=seg_mask, logits_to_keep=pos, **kw)
         return position_loss(out.logits, seg_ids[:, pos + 1]), out
 
@@ -577,6 +576,12 @@ def _train_rows(
     return out_rows
 
 
+def scored_positions(tokens: int, count: int, device: torch.device) -> torch.Tensor:
+    """Where a segment of ``tokens`` is scored: ``count`` positions spread evenly over those that have a next token."""
+    n = tokens - 1
+    return torch.linspace(0, n - 1, min(count, n), device=device).round().long().unique()
+
+
 def context_loss(model: nn.Module, ids: torch.Tensor, segs: list[tuple[torch.Tensor, torch.Tensor]],
                  positions: int | None) -> torch.Tensor:
     """``train_full_context``'s loss: the whole context in one pass, scored where ``_train_rows``' ``loss_of`` scores
@@ -586,8 +591,7 @@ def context_loss(model: nn.Module, ids: torch.Tensor, segs: list[tuple[torch.Ten
         return model(input_ids=ids, labels=ids).loss
     per, start = [], 0
     for seg_ids, _ in segs:
-        n = seg_ids.shape[1] - 1
-        per.append(torch.linspace(0, n - 1, min(positions, n), device=ids.device).round().long().unique() + start)
+        per.append(scored_positions(seg_ids.shape[1], positions, ids.device) + start)
         start += seg_ids.shape[1]
     logits = model(input_ids=ids, logits_to_keep=torch.cat(per)).logits
     total, i = 0.0, 0
