@@ -17,7 +17,7 @@ import torch
 
 import gma6
 from gma6.base import default_adapter
-from gma6.bench import position_loss
+from gma6.bench import position_loss, scored_positions
 from gma6.config import GMA6Config
 from gma6.model import split_segments
 from gma6.options import set_gradient_checkpointing
@@ -76,7 +76,7 @@ class TrainSteps:
         vocab = min(1000, model.get_input_embeddings().num_embeddings)
         ids = torch.randint(0, vocab, (args.batch, args.context), device=self.device)
         self.segs = split_segments(ids, torch.ones_like(ids, dtype=torch.bool), args.segment)
-        self.pos = torch.linspace(0, args.segment - 2, args.positions, device=self.device).round().long().unique()
+        self.pos = scored_positions(args.segment, args.positions, self.device)  # where gma6 bench scores
         layers = getattr(args, "layers", None)
         if layers:
             config = GMA6Config.load(args.adapter).to_dict()
