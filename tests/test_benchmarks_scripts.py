@@ -134,3 +134,37 @@ def test_train_steps_layers_attach_a_fresh_memory_of_the_adapters_kind(tiny_chec
     loss.backward()
     assert torch.isfinite(loss) and any(p.grad is not None for p in moved.mm.memory_parameters())
     assert steps("--layers", "2").mm.config.layers == [2]
+
+
+def test_train_contexts_keeps_each_systems_fastest_step_and_plots(tmp_path):
+    """benchmarks/train_contexts.py: the training rows of several bench files by context (a rerun's faster step
+    kept with its own peak), memory-only's ratios against both full fine-tunes, JSON and PNG; no rows is an error."""
+    tc = _benchmark("train_contexts")
+
+    def bench(name, ctx, mem_s, whole_s, status="ok"):
+        rows = [{"system": "train_memory", "context": ctx, "seconds": mem_s, "peak_mem_gib": 2.0, "status": "ok"},
+                {"system": "train_full", "context": ctx, "seconds": 1.0, "peak_mem_gib": 4.0, "status": "ok"},
+                {"system": "train_full_context", "context": ctx, "seconds": whole_s, "peak_mem_gib": 8.0,
+                 "status": status},
+                {"system": "memory", "context": ctx, "seconds": 0.1, "peak_mem_gib": 1.0, "status": "ok"}]
+        path = tmp_path / name
+        path.write_text(json.dumps({"device_name": "cpu", "rows": rows}))
+        return path
+
+    files = [bench("a.json", 4096, 2.0, 1.0), bench("b.json", 32768, 4.0, 9.0), bench("c.json", 32768, 3.0, 12.0),
+             bench("d.json", 65536, 5.0, None, status="skipped: context beyond the base's window (32768 tokens)")]
+    got = tc.main([*map(str, files), "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out.json").read_text()) == got
+    assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+    assert [r["context"] for r in got["rows"]] == [4096, 32768, 65536]
+    assert got["rows"][1]["train_memory_s"] == 3.0 and got["rows"][1]["train_full_context_s"] == 9.0
+    assert "train_full_context_s" not in got["rows"][2]  # skipped there
+    ratios = {(r["context"], r["against"]): r for r in got["ratios"]}
+    assert ratios[(32768, "train_full_context")] == {"context": 32768, "against": "train_full_context", "faster": 3.0,
+                                                     "leaner": 4.0}
+    assert ratios[(4096, "train_full")]["faster"] == 0.5 and (65536, "train_full_context") not in ratios
+    assert got["machines"] == ["cpu"] and "train_contexts.py" in got["command"]
+    empty = bench("e.json", 1024, 1.0, 1.0, status="oom")
+    empty.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="no training rows"):
+        tc.main([str(empty), "--out", str(tmp_path / "none")])
