@@ -730,8 +730,12 @@ def load_checkpoint(directory: Path, model: nn.Module, opt: torch.optim.Optimize
 def read_log(log: Path) -> list[dict[str, Any]]:
     """The records of a ``log.jsonl``; a line that is not a whole JSON object (a write cut off by a kill) is
     skipped."""
+    return _records(log.read_text())
+
+
+def _records(text: str) -> list[dict[str, Any]]:
     rows = []
-    for line in log.read_text().splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
@@ -747,7 +751,7 @@ def trim_log(log: Path, step: int) -> None:
     if not log.exists():
         return
     text = log.read_text()
-    kept = [r for r in read_log(log) if isinstance(r.get("step"), int) and r["step"] <= step]
+    kept = [r for r in _records(text) if isinstance(r.get("step"), int) and r["step"] <= step]
     new = "".join(json.dumps(r) + "\n" for r in kept)
     if new != text:
         atomic_write_text(log, new)
